@@ -1,0 +1,203 @@
+"""Benchmark the full fine-tuning recipe on a fixed workload, the way a user runs it.
+
+    python bench/bench.py                       # tiny and medium models, fp32 and bf16
+    python bench/bench.py --models medium --dtypes bf16 --steps 8
+
+Each configuration is one `python -m finetune` process. From the times at which its progress
+lines arrive the script derives:
+  start-up       launch -> the first optimizer step done (imports, loading, data, first step)
+  step           median time of the steady-state steps (the first two are left out)
+  tokens/s       padded tokens per second in the steady state (every sequence is max_seq_len)
+  GFLOP/s        model FLOPs per second (6 x matmul parameters + attention, per token), and as a
+                 share of this machine's measured `torch.mm` rate in the same dtype
+  peak RSS       the process's maximum resident memory
+Workloads: `tiny` is the shipped model; `medium` is a random 6-layer, 512-wide model with a
+32,000-token vocabulary (Llama-2's), so that the output layer weighs as it does at 7B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.checkpoint import save_hf
+from finetune.config import ASSETS_DIR, ModelConfig
+from finetune.model import Llama
+
+TINY_DIR = ASSETS_DIR / "tiny"
+TINY = ModelConfig(
+    vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, context_length=1024
+)
+MEDIUM = ModelConfig(
+    vocab_size=32000,
+    dim=512,
+    n_layers=6,
+    n_heads=8,
+    n_kv_heads=8,
+    ffn_dim=1408,
+    context_length=1024,
+)
+BATCH_SIZE = 4
+SEQ_LEN = 256
+
+
+@dataclass
+class Result:
+    startup_s: float
+    step_s: float
+    peak_rss_mb: float
+
+
+def padded_tokenizer(vocab_size: int, out: Path) -> Path:
+    """The shipped tokenizer with unused pieces appended up to `vocab_size`.
+
+    It tokenizes text exactly as the shipped one does; only the vocabulary, and so the model's
+    embedding and output layer, grows to the size being measured.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString((TINY_DIR / "tokenizer.model").read_bytes())
+    for i in range(len(proto.pieces), vocab_size):
+        proto.pieces.add(
+            piece=f"<unused{i}>", score=0.0, type=model_pb2.ModelProto.SentencePiece.UNUSED
+        )
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+def medium_checkpoint(work: Path) -> Path:
+    ckpt = work / "medium"
+    tokenizer = padded_tokenizer(MEDIUM.vocab_size, work / "tokenizer.model")
+    model = Llama(MEDIUM)
+    model.init_weights(torch.Generator().manual_seed(0))
+    save_hf(model, ckpt, tokenizer=tokenizer, bos_id=1, eos_id=2, dtype=torch.bfloat16)
+    return ckpt
+
+
+def long_records(path: Path, n: int) -> Path:
+    """Records longer than SEQ_LEN tokens: every sequence is truncated, so nothing is padding."""
+    text = (TINY_DIR.parent / "sample.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in text]
+    with path.open("w") as f:
+        for i in range(n):
+            chunk = rows[(i * 8) % len(rows) : (i * 8) % len(rows) + 8]
+            output = " ".join(r["output"] for r in chunk) * 4
+            f.write(json.dumps({"instruction": chunk[0]["instruction"], "output": output}) + "\n")
+    return path
+
+
+def run_recipe(overrides: list[str], steps: int, run_dir: Path) -> Result:
+    command = [
+        sys.executable,
+        "-m",
+        "finetune",
+        *overrides,
+        f"max_steps={steps}",
+        f"batch_size={BATCH_SIZE}",
+        f"max_seq_len={SEQ_LEN}",
+        "dataset.train_on_input=true",
+        "shuffle=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    launched = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    step_times = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("step "):
+            step_times.append(time.perf_counter())
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(
+            f"{' '.join(command)} failed:\n{proc.stderr.read() if proc.stderr else ''}"
+        )
+    steady = [b - a for a, b in itertools.pairwise(step_times[2:])]
+    return Result(
+        startup_s=step_times[0] - launched,
+        step_s=statistics.median(steady),
+        peak_rss_mb=usage.ru_maxrss / 1024,
+    )
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight (forward + two backward) plus attention."""
+    matmul_params = sum(p.numel() for n, p in meta_model(cfg).named_parameters() if p.ndim == 2)
+    matmul_params -= cfg.vocab_size * cfg.dim  # the embedding is a lookup, not a matmul
+    attention = 12 * cfg.n_layers * cfg.dim * seq_len
+    return 6 * matmul_params + attention
+
+
+def meta_model(cfg: ModelConfig) -> Llama:
+    with torch.device("meta"):
+        return Llama(cfg)
+
+
+def mm_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    """Best-of-5 rate of one n x n x n matmul in this process (same threads as the runs)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: object) -> float:
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="tiny,medium")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+
+    mm = {"fp32": mm_gflops(torch.float32), "bf16": mm_gflops(torch.bfloat16)}
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; torch.mm 2048^3: "
+        f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s"
+    )
+    print(f"workload: batch {BATCH_SIZE} x {SEQ_LEN} tokens, {args.steps} steps, full fine-tuning")
+    header = f"{'model':<8}{'dtype':<6}{'start-up s':>11}{'step s':>9}{'tokens/s':>10}"
+    print(header + f"{'GFLOP/s':>9}{'of mm':>7}{'peak RSS MB':>13}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = long_records(work / "long.jsonl", BATCH_SIZE * (args.steps + 1))
+        checkpoints = {"tiny": (TINY, TINY_DIR)}
+        if "medium" in args.models:
+            checkpoints["medium"] = (MEDIUM, medium_checkpoint(work))
+        for name in args.models.split(","):
+            cfg, ckpt = checkpoints[name]
+            model_args = [f"model.{f}={getattr(cfg, f)}" for f in cfg.__dataclass_fields__]
+            for dtype in args.dtypes.split(","):
+                overrides = [
+                    *model_args,
+                    f"checkpoint={ckpt}",
+                    f"dataset.path={data}",
+                    f"dtype={dtype}",
+                ]
+                r = run_recipe(overrides, args.steps, work / f"{name}-{dtype}")
+                tokens = BATCH_SIZE * (SEQ_LEN - 1)
+                gflops = flops_per_token(cfg, SEQ_LEN - 1) * tokens / r.step_s / 1e9
+                print(
+                    f"{name:<8}{dtype:<6}{r.startup_s:>11.2f}{r.step_s:>9.3f}"
+                    f"{tokens / r.step_s:>10.0f}{gflops:>9.1f}{gflops / mm[dtype]:>7.0%}"
+                    f"{r.peak_rss_mb:>13.0f}"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""`python -m finetune` (or `finetune`): compose the config with Hydra, build the params, run.
+
+Only Hydra, OmegaConf and the config dataclasses are imported here, so `--help`, `--cfg job` and
+`--info` answer without loading torch; a recipe imports torch when it is called.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from finetune.config import RECIPE_PARAMS, FullFinetuneParams, build_params, field_help
+from finetune.config import register_schemas as _register_schemas
+from finetune.errors import UserError
+
+
+def config_dir() -> Path:
+    """`conf/` inside an installed wheel, else the repository's `conf/` (editable installs)."""
+    packaged = Path(__file__).parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+
+
+def _run_full(params: FullFinetuneParams) -> float:
+    from finetune.recipes import full
+
+    return full.run(params)
+
+
+# Each params dataclass -> the recipe that runs it (imported only when called).
+RECIPES: dict[type, Callable[[object], float]] = {FullFinetuneParams: _run_full}
+
+_register_schemas()
+
+
+_SHOW_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
+_USER_ERRORS = (UserError, HydraException, OmegaConfBaseException)
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def _task(cfg: DictConfig) -> float:
+    try:
+        params = build_params(cfg)
+        return RECIPES[type(params)](params)
+    except _USER_ERRORS as error:
+        # A single run ends here, before Hydra adds its own lines; in a sweep Hydra records the
+        # failed job and reports it.
+        if HydraConfig.get().mode is RunMode.RUN:
+            exit_with(error)
+        raise
+
+
+def main() -> None:
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print(help_text(sys.argv[1:]))
+        return
+    # Let Hydra raise instead of printing its own report, so bad input gets a single line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _task()
+    except _USER_ERRORS as error:
+        exit_with(error)
+
+
+def exit_with(error: BaseException) -> None:
+    if _SHOW_TRACEBACK:
+        raise error
+    print(f"error: {describe(error)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def describe(error: BaseException) -> str:
+    """One line that names the key or file and what was expected."""
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group = str(error.missing_cfg_file).rpartition("/")[0]
+        option = str(error.missing_cfg_file).rpartition("/")[2]
+        return f"{group}={option}: no such option; available: {', '.join(error.options)}"
+    cause = error.__cause__
+    if isinstance(error, HydraException) and isinstance(cause, OmegaConfBaseException):
+        error = cause
+    if isinstance(error, OmegaConfBaseException):
+        key = getattr(error, "full_key", None)
+        message = str(getattr(error, "msg", None) or error).strip().splitlines()[0]
+        return f"{key}: {message}" if key else message
+    return " ".join(str(error).split())
+
+
+def help_text(argv: list[str]) -> str:
+    """Usage, the config groups and their options, and every field of the selected recipe."""
+    recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), "full")
+    params = RECIPE_PARAMS.get(recipe, FullFinetuneParams)
+    defaults = _primary_defaults()
+    lines = [
+        "usage: python -m finetune [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--info]",
+        "",
+        "Fine-tunes a Llama model; writes metrics, loss.png and the model to the run directory.",
+        "-m runs a sweep over comma-separated values, e.g. -m lr=1e-5,3e-5.",
+        "",
+        "Config groups (GROUP=OPTION, * marks the default):",
+    ]
+    for group in sorted(p.name for p in config_dir().iterdir() if p.is_dir()):
+        options = sorted(f.stem for f in (config_dir() / group).glob("*.yaml"))
+        marked = [f"{o}*" if defaults.get(group) == o else o for o in options]
+        lines.append(f"  {group:<10} {', '.join(marked)}")
+    lines += ["", f"Parameters of recipe={recipe} ({params.__name__}), before the YAML options:"]
+    rows = field_help(params)
+    width = max(len(name) for name, *_ in rows)
+    for name, type_name, default, doc in rows:
+        lines.append(f"  {name:<{width}}  {type_name:<9} {default:<10} {doc}")
+    lines += [
+        "",
+        "`--cfg job` prints the composed values; `--hydra-help` lists Hydra's own flags.",
+    ]
+    return "\n".join(lines)
+
+
+def _primary_defaults() -> dict[str, str]:
+    primary = OmegaConf.load(config_dir() / "config.yaml")
+    return {
+        k: v
+        for entry in primary.defaults
+        if isinstance(entry, DictConfig)
+        for k, v in entry.items()
+    }
+
+
+if __name__ == "__main__":
+    main()

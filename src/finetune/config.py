@@ -1,0 +1,249 @@
+"""Run parameters: one dataclass per recipe, the single source of truth for a run.
+
+The dataclasses are registered in Hydra's ConfigStore as schemas (group `schema/...`); the YAML
+files in `conf/` extend them through their defaults lists, so composition type-checks every value.
+`OmegaConf.to_object` then builds the dataclass, which runs `__post_init__`: all validation lives
+there. This module imports no torch, so `--help` and `--cfg job` stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import ConfigError
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+
+
+def option(default: Any = None, doc: str = "", *, factory: Any = None) -> Any:
+    """A dataclass field whose one-line help (`doc`) shows in `--help`."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
+
+
+class DType(Enum):
+    fp32 = "fp32"
+    # bf16 autocast over fp32 master weights and fp32 optimizer state.
+    bf16 = "bf16"
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class ModelConfig:
+    """Llama architecture; the defaults are Llama-2-7B's."""
+
+    vocab_size: int = option(32000, "tokens in the embedding and output layers")
+    dim: int = option(4096, "width of the residual stream (hidden_size)")
+    n_layers: int = option(32, "transformer blocks")
+    n_heads: int = option(32, "attention (query) heads")
+    n_kv_heads: int = option(32, "key/value heads; fewer than n_heads is grouped-query attention")
+    ffn_dim: int = option(11008, "hidden width of the SwiGLU feed-forward (intermediate_size)")
+    norm_eps: float = option(1e-5, "RMSNorm epsilon")
+    rope_theta: float = option(10000.0, "rotary embedding base")
+    context_length: int = option(4096, "longest sequence the model was trained for")
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+            _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1", getattr(self, name))
+        _require(self.norm_eps > 0, "model.norm_eps", "must be > 0", self.norm_eps)
+        _require(self.rope_theta > 0, "model.rope_theta", "must be > 0", self.rope_theta)
+        _require(
+            self.context_length >= 1, "model.context_length", "must be >= 1", self.context_length
+        )
+        if self.dim % self.n_heads:
+            raise ConfigError("model.dim", f"{self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                "model.n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError("model.dim", f"head dimension {self.head_dim} must be even (rotary)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+DATASET_FORMATS = ("alpaca",)
+
+
+@dataclass
+class ColumnMap:
+    """The record field that holds each part, e.g. `dataset.column_map.instruction=prompt`."""
+
+    instruction: str = option("instruction", "field holding the instruction")
+    input: str = option("input", "field holding the optional input (context)")
+    output: str = option("output", "field holding the response to train on")
+
+
+@dataclass
+class DatasetConfig:
+    """A local instruction dataset."""
+
+    path: str = option("", "a .json file (a list of records) or a .jsonl file (one per line)")
+    format: str = option("alpaca", f"record layout: {', '.join(DATASET_FORMATS)}")
+    column_map: ColumnMap = option(doc="which record field holds each part", factory=ColumnMap)
+    train_on_input: bool = option(False, "also compute the loss on the prompt tokens")
+
+    def __post_init__(self) -> None:
+        if self.format not in DATASET_FORMATS:
+            raise ConfigError(
+                "dataset.format",
+                f"unknown format {self.format!r}; expected one of: " + ", ".join(DATASET_FORMATS),
+            )
+
+
+@dataclass
+class FullFinetuneParams:
+    """Full fine-tuning: every weight of the model is trained."""
+
+    model: ModelConfig = option(doc="architecture; must match the checkpoint", factory=ModelConfig)
+    dataset: DatasetConfig = option(doc="training data", factory=DatasetConfig)
+    checkpoint: str = option("", "directory of the model to fine-tune (Hugging Face format)")
+    tokenizer: str = option("", "tokenizer.model to use; defaults to the one in `checkpoint`")
+    output_dir: str = option("", "where metrics, plots and the model go; Hydra's run directory")
+    lr: float = option(2e-5, "peak learning rate, reached after the warmup")
+    warmup_steps: int = option(0, "optimizer steps of linear warmup before the cosine decay")
+    weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 disables clipping")
+    batch_size: int = option(4, "sequences per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    epochs: int = option(1, "passes over the dataset")
+    max_steps: int = option(0, "stop after this many optimizer steps; 0 means no limit")
+    max_seq_len: int = option(512, "truncate longer sequences to this many tokens")
+    dtype: DType = option(DType.fp32, "fp32, or bf16 autocast over fp32 master weights")
+    seed: int = option(0, "seeds weights, shuffling and everything random")
+    device: Device = option(Device.auto, "auto picks cuda when present, else cpu")
+    shuffle: bool = option(True, "shuffle the data every epoch (seeded); false keeps file order")
+    log_every_n_steps: int = option(1, "optimizer steps between progress lines and metrics rows")
+    max_shard_size_mb: int = option(5000, "split the saved model.safetensors above this size")
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", "must be > 0", self.lr)
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", self.max_grad_norm)
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        _require(
+            self.gradient_accumulation_steps >= 1,
+            "gradient_accumulation_steps",
+            "must be >= 1",
+            self.gradient_accumulation_steps,
+        )
+        _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        _require(self.max_steps >= 0, "max_steps", "must be >= 0", self.max_steps)
+        _require(self.max_seq_len >= 2, "max_seq_len", "must be >= 2", self.max_seq_len)
+        _require(
+            self.max_seq_len <= self.model.context_length,
+            "max_seq_len",
+            f"must be <= model.context_length={self.model.context_length}",
+            self.max_seq_len,
+        )
+        _require(
+            self.log_every_n_steps >= 1, "log_every_n_steps", "must be >= 1", self.log_every_n_steps
+        )
+        _require(
+            self.max_shard_size_mb >= 1, "max_shard_size_mb", "must be >= 1", self.max_shard_size_mb
+        )
+        if not self.output_dir:
+            raise ConfigError("output_dir", "is required")
+        # Required fields of nested parts are checked here: OmegaConf builds a nested dataclass
+        # with its defaults when it reads the schema, so its own __post_init__ must accept them.
+        _require_file(self.dataset.path, "dataset.path", suffixes=(".json", ".jsonl"))
+        _require_dir(self.checkpoint, "checkpoint")
+        if not self.tokenizer:
+            self.tokenizer = str(Path(self.checkpoint) / "tokenizer.model")
+            if not Path(self.tokenizer).is_file():
+                raise ConfigError(
+                    "tokenizer",
+                    f"no tokenizer.model in checkpoint {self.checkpoint}; set tokenizer=PATH",
+                )
+        _require_file(self.tokenizer, "tokenizer", suffixes=(".model",))
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(key, f"{rule}, got {value!r}")
+
+
+def _require_dir(path: str, key: str) -> None:
+    if not path:
+        raise ConfigError(key, "is required (a directory)")
+    if not Path(path).is_dir():
+        raise ConfigError(key, f"directory not found: {path}")
+
+
+def _require_file(path: str, key: str, suffixes: tuple[str, ...]) -> None:
+    if not path:
+        raise ConfigError(key, f"is required (a {' or '.join(suffixes)} file)")
+    if not Path(path).is_file():
+        raise ConfigError(key, f"file not found: {path}")
+    if Path(path).suffix not in suffixes:
+        raise ConfigError(key, f"expected a {' or '.join(suffixes)} file, got {path}")
+
+
+# Each recipe's root dataclass, by the name of its `conf/recipe/` option.
+RECIPE_PARAMS: dict[str, type] = {"full": FullFinetuneParams}
+
+
+def register_schemas() -> None:
+    """Store the dataclasses under `schema/...`, for the YAML files' defaults lists to extend."""
+    store = ConfigStore.instance()
+    for name, params in RECIPE_PARAMS.items():
+        store.store(group="schema/recipe", name=name, node=params)
+    store.store(group="schema/model", name="llama", node=ModelConfig)
+    store.store(group="schema/dataset", name="instruct", node=DatasetConfig)
+    if not OmegaConf.has_resolver("asset"):
+        # `${asset:NAME}` is a file shipped with the package, e.g. the embedded tiny model.
+        OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))
+
+
+def build_params(cfg: DictConfig) -> Any:
+    """Turn a composed config into its recipe's params dataclass, validating every value."""
+    reject_unknown_keys(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def reject_unknown_keys(cfg: DictConfig, prefix: str = "") -> None:
+    """Hydra lets `+model.typo=1` and `+nosuchkey=1` through; a misspelt key must not be ignored."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key in cfg:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}", f"unknown key; valid keys: {', '.join(names)}")
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig):
+            reject_unknown_keys(child, f"{prefix}{key}.")
+
+
+def field_help(params: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(name, type, default, help) for every field, nested dataclasses flattened with dots."""
+    rows = []
+    for f in dataclasses.fields(params):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows += field_help(type(default), f"{prefix}{f.name}.")
+            continue
+        type_name = (
+            type(default).__name__
+            if not isinstance(default, Enum)
+            else "|".join(m.value for m in type(default))
+        )
+        shown = default.value if isinstance(default, Enum) else default
+        rows.append((prefix + f.name, type_name, repr(shown), f.metadata.get("help", "")))
+    return rows

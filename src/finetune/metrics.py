@@ -1,0 +1,91 @@
+"""What a run reports: progress on stdout, `metrics.jsonl` rows, and the `loss.png` plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsLog:
+    """Writes one metrics.jsonl row per logged step and shows progress.
+
+    On a terminal progress is a bar; otherwise (logs, CI, pipes) it is one flushed line per logged
+    step, after a `training started` line, so a harness can time a run from its output.
+    """
+
+    def __init__(self, path: Path, total_steps: int) -> None:
+        self.path = path
+        self.total_steps = total_steps
+        self.file = path.open("a", encoding="utf-8")
+        self.bar: tqdm | None = None
+        self.started = self.last_write = 0.0
+
+    def start(self) -> None:
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=self.total_steps, unit="step", dynamic_ncols=True)
+        else:
+            print("training started", flush=True)
+        self.started = self.last_write = time.perf_counter()
+
+    def write(
+        self, step: int, epoch: int, loss: float, lr: float, grad_norm: float, n_tokens: int
+    ) -> None:
+        """Record `step`; `n_tokens` is the count of input tokens since the previous row."""
+        now = time.perf_counter()
+        tokens_per_s = n_tokens / max(now - self.last_write, 1e-9)
+        self.last_write = now
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "elapsed_s": round(now - self.started, 3),
+        }
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+        else:
+            print(
+                f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.1e} "
+                f"grad_norm {grad_norm:.2f} tok/s {tokens_per_s:.0f}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+    """Loss (left axis) and learning rate (right axis) against the optimizer step."""
+    # Figure without pyplot: no GUI backend is chosen, so it works on any headless machine.
+    from matplotlib.figure import Figure
+
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    loss_ax = fig.add_subplot()
+    loss_ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="training loss")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss", color="tab:blue")
+    loss_ax.grid(alpha=0.3)
+    lr_ax = loss_ax.twinx()
+    lr_ax.plot(steps, [r["lr"] for r in rows], color="tab:orange", linestyle="--", label="lr")
+    lr_ax.set_ylabel("learning rate", color="tab:orange")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    fig.legend(loc="upper right")
+    fig.savefig(png_path, dpi=100)

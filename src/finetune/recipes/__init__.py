@@ -1,0 +1,1 @@
+"""Recipes: one module each, a `run(params) -> float` function holding the whole run."""

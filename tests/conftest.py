@@ -1,0 +1,81 @@
+"""Shared test helpers: composing the real config, small random checkpoints, running the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from finetune.__main__ import config_dir
+from finetune.checkpoint import save_hf
+from finetune.config import ASSETS_DIR, ModelConfig, register_schemas
+from finetune.model import Llama
+from finetune.tokenizer import Tokenizer
+
+# Nothing in the tests may reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+CONF_DIR = config_dir()
+TINY_CHECKPOINT = ASSETS_DIR / "tiny"
+TINY_TOKENIZER = TINY_CHECKPOINT / "tokenizer.model"
+SAMPLE_DATA = ASSETS_DIR / "sample.jsonl"
+
+# A model small enough to train in well under a second a step, with grouped-query attention.
+SMALL_MODEL = ModelConfig(
+    vocab_size=4096, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, context_length=256
+)
+
+
+def model_overrides(cfg: ModelConfig) -> list[str]:
+    """`model.<field>=<value>` for every architecture field of `cfg`."""
+    return [f"model.{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    register_schemas()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose("config", overrides=overrides)
+
+
+def write_checkpoint(directory: Path, cfg: ModelConfig = SMALL_MODEL, seed: int = 0) -> Path:
+    """A randomly initialised model in finetune's output format, with the shipped tokenizer."""
+    model = Llama(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    save_hf(model, directory, tokenizer=TINY_TOKENIZER, bos_id=1, eos_id=2, dtype=torch.float32)
+    return directory
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m finetune ARGS` in a subprocess, as a user would type it."""
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("small_checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(TINY_TOKENIZER)

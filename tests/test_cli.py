@@ -1,0 +1,132 @@
+"""The command line as a user meets it: help, fast start-up, one-line errors, runs, sweeps."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL_MODEL, model_overrides, run_cli, write_jsonl
+
+SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
+
+
+def bad_input_cases(small_checkpoint: Path, tmp: Path) -> list[tuple[list[str], str]]:
+    malformed = write_jsonl(tmp / "malformed.jsonl", [{"instruction": "a", "output": "b"}, {}])
+    ckpt = f"checkpoint={small_checkpoint}"
+    return [
+        (["lr=abc"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
+        (["lr=-1"], "lr: must be > 0, got -1.0"),
+        (["batch_size=0"], "batch_size: must be >= 1, got 0"),
+        (["model=nosuch"], "model=nosuch: no such option; available: llama2, llama2_13b"),
+        (["+model.typo=1"], "model.typo: unknown key; valid keys: vocab_size, dim"),
+        (["+nosuchkey=1"], "nosuchkey: unknown key; valid keys: model, dataset"),
+        (["dtype=fp64"], "dtype: Invalid value 'fp64', expected one of [fp32, bf16]"),
+        (["device=tpu"], "device: Invalid value 'tpu', expected one of [auto, cpu, cuda]"),
+        (["checkpoint=/no/such/dir"], "checkpoint: directory not found: /no/such/dir"),
+        (["checkpoint="], "checkpoint: is required (a directory)"),
+        (["tokenizer=/no/such.model"], "tokenizer: file not found: /no/such.model"),
+        (["dataset=alpaca"], "dataset.path: is required (a .json or .jsonl file)"),
+        (["dataset.path=/no/such.json"], "dataset.path: file not found: /no/such.json"),
+        (["model=llama2"], "checkpoint: directory not found"),
+        (
+            [f"dataset.path={malformed}", ckpt, *SMALL],
+            f"{malformed}:2: missing field 'instruction'",
+        ),
+        (
+            [ckpt, *SMALL, "model.vocab_size=1000"],
+            "tokenizer has 4096 tokens but the model's embedding has 1000",
+        ),
+        ([ckpt], "hidden_size=64 but model.dim=256"),
+    ]
+
+
+def test_bad_input_exits_2_with_one_line_naming_the_problem(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    for args, message in bad_input_cases(small_checkpoint, tmp_path):
+        if args == ["model=llama2"]:
+            args = ["model=llama2", "checkpoint=/no/such/dir"]
+        result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, (args, result.stderr)
+        assert lines[0].startswith("error: ") and message in lines[0], (args, lines[0])
+
+
+def test_full_hydra_error_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli("lr=-1", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "ConfigError: lr: must be > 0" in result.stderr
+
+
+def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    out = result.stdout
+    assert "model      llama2, llama2_13b, llama2_70b, tiny*" in out
+    assert "recipe     full*" in out
+    for field in ["lr ", "batch_size", "model.n_kv_heads", "dataset.column_map", "dtype"]:
+        assert f"  {field}" in out
+    assert "peak learning rate" in out and "fp32|bf16" in out
+
+
+@pytest.mark.parametrize("flags", [["--help"], ["--cfg", "job"], ["--info"]])
+def test_cli_answers_without_importing_torch(flags: list[str], tmp_path: Path) -> None:
+    code = (
+        "import sys; from finetune.__main__ import main; "
+        f"sys.argv = ['finetune', *{flags!r}]; main(); "
+        "print('TORCH LOADED' if 'torch' in sys.modules else 'NO TORCH')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("NO TORCH")
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
+    result = run_cli("--cfg", "job", "lr=3e-4", "model=llama2_13b", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "lr: 0.0003" in result.stdout and "dim: 5120" in result.stdout
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "finetune"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+@pytest.mark.slow
+def test_default_job_prints_plain_progress_and_writes_outputs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli("max_steps=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = lines.index("training started")
+    steps = [line for line in lines[start + 1 :] if line.startswith("step ")]
+    assert [s.split()[1] for s in steps] == ["1/3", "2/3", "3/3"]
+    pattern = r"step \d+/3 loss \d+\.\d{4} lr \S+e-\d\d grad_norm \d+\.\d\d tok/s \d+"
+    assert all(re.fullmatch(pattern, s) for s in steps), steps
+    for name in ["params.yaml", "metrics.jsonl", "loss.png", ".hydra/config.yaml"]:
+        assert (run_dir / name).is_file(), name
+    for name in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.model"]:
+        assert (run_dir / "model" / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_multirun_sweep_gives_each_job_its_own_directory(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        "-m", "lr=1e-4,3e-4", "max_steps=1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    lrs = []
+    for job in ["0", "1"]:
+        assert (sweep_dir / job / "model" / "model.safetensors").is_file()
+        lrs.append(json.loads((sweep_dir / job / "metrics.jsonl").read_text())["lr"])
+    assert lrs == [1e-4, 3e-4]

@@ -1,0 +1,148 @@
+"""Every option of every config group in conf/ composes, builds its params and trains 2 steps.
+
+Options are discovered from the files, so a new YAML file is tested without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from finetune.__main__ import RECIPES
+from finetune.config import RECIPE_PARAMS, FullFinetuneParams, ModelConfig, build_params
+from finetune.errors import ConfigError
+from tests.conftest import (
+    CONF_DIR,
+    SAMPLE_DATA,
+    SMALL_MODEL,
+    compose_config,
+    model_overrides,
+)
+
+
+def config_options() -> list[tuple[str, str]]:
+    """(group, option) for every YAML file under conf/<group>/."""
+    return [
+        (group.name, option.stem)
+        for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir())
+        for option in sorted(group.glob("*.yaml"))
+    ]
+
+
+OPTION_IDS = [f"{group}={option}" for group, option in config_options()]
+
+
+def runnable_overrides(group: str, option: str, small_checkpoint: Path, out: Path) -> list[str]:
+    """Overrides that make `group=option` train on this machine in a few seconds.
+
+    An option whose model differs from the shipped tiny one keeps its name but has its
+    architecture shrunk onto a small random checkpoint; its real size is checked separately.
+    """
+    overrides = [f"{group}={option}", f"output_dir={out}"]
+    cfg = compose_config(overrides)
+    tiny = compose_config([])
+    if cfg.model != tiny.model:
+        overrides += [*model_overrides(SMALL_MODEL), f"checkpoint={small_checkpoint}"]
+    if not cfg.dataset.path:
+        overrides.append(f"dataset.path={SAMPLE_DATA}")
+    return [*overrides, "max_steps=2", "batch_size=2", "max_seq_len=128"]
+
+
+def test_every_group_has_options() -> None:
+    groups = {group for group, _ in config_options()}
+    assert {"recipe", "model", "dataset"} <= groups
+    assert {"tiny", "llama2", "llama2_13b", "llama2_70b"} <= {
+        option for group, option in config_options() if group == "model"
+    }
+
+
+@pytest.mark.parametrize(("group", "option"), config_options(), ids=OPTION_IDS)
+def test_every_config_option_builds_its_params(
+    group: str, option: str, small_checkpoint: Path, tmp_path: Path
+) -> None:
+    cfg = compose_config(runnable_overrides(group, option, small_checkpoint, tmp_path))
+    params = build_params(cfg)
+    assert type(params) in RECIPE_PARAMS.values()
+    assert params.output_dir == str(tmp_path)
+    assert Path(params.tokenizer).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("group", "option"), config_options(), ids=OPTION_IDS)
+def test_every_config_option_trains_two_steps(
+    group: str, option: str, small_checkpoint: Path, tmp_path: Path
+) -> None:
+    params = build_params(
+        compose_config(runnable_overrides(group, option, small_checkpoint, tmp_path))
+    )
+    final_loss = RECIPES[type(params)](params)
+    assert math.isfinite(final_loss) and final_loss > 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["loss"] == pytest.approx(final_loss)
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("option", "parameters"),
+    [("llama2", 6_738_415_616), ("llama2_13b", 13_015_864_320), ("llama2_70b", 68_976_648_192)],
+)
+def test_llama2_configs_have_published_parameter_counts(option: str, parameters: int) -> None:
+    import torch
+
+    from finetune.model import Llama, count_parameters
+
+    model_cfg = OmegaConf.to_object(compose_config([f"model={option}"]).model)
+    with torch.device("meta"):
+        assert count_parameters(Llama(model_cfg)) == parameters
+
+
+def test_llama2_70b_uses_grouped_query_attention() -> None:
+    model_cfg = OmegaConf.to_object(compose_config(["model=llama2_70b"]).model)
+    assert (model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.head_dim) == (64, 8, 128)
+
+
+def test_cli_overrides_reach_the_params(tmp_path: Path) -> None:
+    params = build_params(
+        compose_config(
+            [f"output_dir={tmp_path}", "lr=3e-4", "batch_size=3", "dtype=bf16", "model.n_layers=2"]
+        )
+    )
+    assert isinstance(params, FullFinetuneParams)
+    assert (params.lr, params.batch_size, params.dtype.value) == (3e-4, 3, "bf16")
+    assert params.model.n_layers == 2
+    assert params.tokenizer == str(Path(params.checkpoint) / "tokenizer.model")
+
+
+def test_every_params_field_has_a_default_and_help() -> None:
+    for params in [*RECIPE_PARAMS.values(), ModelConfig]:
+        for f in dataclasses.fields(params):
+            assert f.default is not dataclasses.MISSING or (
+                f.default_factory is not dataclasses.MISSING
+            ), f.name
+            assert f.metadata.get("help"), f"{params.__name__}.{f.name} has no help"
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "message"),
+    [
+        ("model.dim=100", "model.dim", "not divisible by n_heads"),
+        ("model.n_kv_heads=3", "model.n_kv_heads", "does not divide n_heads"),
+        ("max_seq_len=4096", "max_seq_len", "must be <= model.context_length"),
+        ("warmup_steps=-1", "warmup_steps", "must be >= 0"),
+        ("gradient_accumulation_steps=0", "gradient_accumulation_steps", "must be >= 1"),
+        ("dataset.format=sharegpt", "dataset.format", "unknown format"),
+    ],
+)
+def test_invalid_values_are_rejected_by_name(
+    override: str, key: str, message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        build_params(compose_config([f"output_dir={tmp_path}", override]))
+    assert error.value.key == key
+    assert message in str(error.value)
