@@ -122,7 +122,12 @@ def test_default_job_prints_plain_progress_and_writes_outputs(tmp_path: Path) ->
 def test_multirun_sweep_gives_each_job_its_own_directory(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
-        "-m", "lr=1e-4,3e-4", "max_steps=1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path
+        "-m",
+        "lr=1e-4,3e-4",
+        "max_steps=1",
+        "warmup_steps=0",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     lrs = []

@@ -142,9 +142,9 @@ def test_same_seed_gives_the_same_losses(small_checkpoint: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_shipped_model_visibly_learns_the_sample_task(tmp_path: Path) -> None:
-    params = build_params(compose_config([f"output_dir={tmp_path}", "max_steps=30"]))
+    params = build_params(compose_config([f"output_dir={tmp_path}", "max_steps=60"]))
     full.run(params)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    first = sum(r["loss"] for r in rows[:5]) / 5
-    last = sum(r["loss"] for r in rows[-5:]) / 5
-    assert last < 0.8 * first, (first, last)
+    first = sum(r["loss"] for r in rows[:10]) / 10
+    last = sum(r["loss"] for r in rows[-10:]) / 10
+    assert last < 0.85 * first, (first, last)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from finetune.config import ModelConfig
@@ -148,17 +148,10 @@ def load_hf(cfg: ModelConfig, ckpt_dir: Path, device: torch.device, dtype: torch
     expected = {hf_key(name): p for name, p in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(ckpt_dir):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if key not in expected:
-                    raise UserError(f"{file}: unexpected key {key!r} for a Llama model")
-                tensor = f.get_tensor(key)
-                if tensor.shape != expected[key].shape:
-                    raise UserError(
-                        f"{file}: {key} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(expected[key].shape)}"
-                    )
-                state[key.removeprefix("model.")] = tensor.to(device=device, dtype=dtype)
+        try:
+            state.update(_read_safetensors(file, expected, device, dtype))
+        except SafetensorError as e:
+            raise UserError(f"{file}: not a readable safetensors file ({e})") from None
     missing = sorted(set(expected) - {hf_key(k) for k in state})
     if missing:
         raise UserError(f"{ckpt_dir}: missing {len(missing)} weights, e.g. {missing[0]!r}")
@@ -166,11 +159,34 @@ def load_hf(cfg: ModelConfig, ckpt_dir: Path, device: torch.device, dtype: torch
     return model
 
 
+def _read_safetensors(
+    file: Path, expected: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors of one file under finetune's names, each checked and cast as it is read."""
+    state = {}
+    with safe_open(file, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if key not in expected:
+                raise UserError(f"{file}: unexpected key {key!r} for a Llama model")
+            tensor = f.get_tensor(key)
+            if tensor.shape != expected[key].shape:
+                raise UserError(
+                    f"{file}: {key} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(expected[key].shape)}"
+                )
+            state[key.removeprefix("model.")] = tensor.to(device=device, dtype=dtype)
+    return state
+
+
 def _safetensors_files(ckpt_dir: Path) -> list[Path]:
     index = ckpt_dir / SAFETENSORS_INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return [ckpt_dir / name for name in sorted(set(weight_map.values()))]
+        files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise UserError(f"{file}: missing, but {index.name} lists it")
+        return files
     single = ckpt_dir / "model.safetensors"
     if single.is_file():
         return [single]
@@ -183,12 +199,16 @@ def check_architecture(cfg: ModelConfig, ckpt_dir: Path) -> None:
     if not path.is_file():
         raise UserError(f"{ckpt_dir}: no config.json (expected a Hugging Face checkpoint)")
     found = json.loads(path.read_text())
+    # transformers 5 keeps the RoPE base inside `rope_parameters`.
+    found.setdefault("rope_theta", (found.get("rope_parameters") or {}).get("rope_theta"))
     for ours, hf in HF_CONFIG_KEYS.items():
-        if ours == "context_length" or hf not in found:
-            continue  # a different context length is a setting, not a different model
-        expected = getattr(cfg, ours)
-        if found[hf] != expected and not (ours == "n_kv_heads" and found[hf] is None):
+        value, expected = found.get(hf), getattr(cfg, ours)
+        # Absent means the library default; a different context length is a setting, not a
+        # different model.
+        if value is None or ours == "context_length":
+            continue
+        if value != expected:
             raise UserError(
-                f"{path}: {hf}={found[hf]} but model.{ours}={expected}; "
+                f"{path}: {hf}={value} but model.{ours}={expected}; "
                 f"pick the model= option that matches the checkpoint"
             )

@@ -74,21 +74,20 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
         with path.open(encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
-                    yield from _checked_row(f"{path}:{number}", line)
+                    where = f"{path}:{number}"
+                    yield where, _checked_row(where, _parse_json(where, line))
         return
     rows = _parse_json(str(path), path.read_text(encoding="utf-8"))
     if not isinstance(rows, list):
         raise UserError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
     for index, row in enumerate(rows):
-        yield from _checked_row(f"{path}[{index}]", row)
+        yield f"{path}[{index}]", _checked_row(f"{path}[{index}]", row)
 
 
-def _checked_row(where: str, row: str | object) -> Iterator[tuple[str, dict]]:
-    if isinstance(row, str):
-        row = _parse_json(where, row)
+def _checked_row(where: str, row: object) -> dict:
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    yield where, row
+    return row
 
 
 def _parse_json(where: str, text: str) -> object:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -11,8 +12,11 @@ from finetune.checkpoint import load_hf, save_hf
 from finetune.config import DType, FullFinetuneParams
 from finetune.data import load_dataset
 from finetune.metrics import plot_metrics
+from finetune.model import count_parameters
 from finetune.tokenizer import Tokenizer
 from finetune.training import resolve_device, seed_everything, train
+
+log = logging.getLogger(__name__)
 
 
 def run(params: FullFinetuneParams) -> float:
@@ -28,6 +32,15 @@ def run(params: FullFinetuneParams) -> float:
     examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
     # fp32 master weights in every run; bf16 runs autocast the compute (see training.autocast).
     model = load_hf(params.model, Path(params.checkpoint), device, torch.float32)
+    log.info(
+        "%s: %.1fM parameters on %s, %s; %d examples from %s",
+        params.checkpoint,
+        count_parameters(model) / 1e6,
+        device,
+        params.dtype.value,
+        len(examples),
+        params.dataset.path,
+    )
 
     final_loss = train(model, examples, params, tokenizer.pad_id)
 
@@ -41,4 +54,5 @@ def run(params: FullFinetuneParams) -> float:
         max_shard_bytes=params.max_shard_size_mb * 1_000_000,
     )
     plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    log.info("final loss %.4f; model saved to %s", final_loss, out_dir / "model")
     return final_loss
