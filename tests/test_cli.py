@@ -30,7 +30,7 @@ def bad_input_cases(small_checkpoint: Path, tmp: Path) -> list[tuple[list[str], 
         (["checkpoint=/no/such/dir"], "checkpoint: directory not found: /no/such/dir"),
         (["checkpoint="], "checkpoint: is required (a directory)"),
         (["tokenizer=/no/such.model"], "tokenizer: file not found: /no/such.model"),
-        (["dataset=alpaca"], "dataset.path: is required (a .json or .jsonl file)"),
+        (["dataset=alpaca"], "dataset.path: is required (a .json, .jsonl, .csv or .parquet file)"),
         (["dataset.path=/no/such.json"], "dataset.path: file not found: /no/such.json"),
         (["model=llama2"], "checkpoint: directory not found"),
         (

@@ -110,9 +110,11 @@ def _split_into_shards(
 
 
 def copy_tokenizer(tokenizer: Path, out_dir: Path) -> None:
-    """Copy `tokenizer` as tokenizer.model, with the Hugging Face files beside it or new ones."""
-    if tokenizer.resolve() != (out_dir / "tokenizer.model").resolve():
-        shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+    """Copy `tokenizer` (as tokenizer.model or tokenizer.json), with the Hugging Face files
+    beside it or new ones."""
+    target = out_dir / ("tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model")
+    if tokenizer.resolve() != target.resolve():
+        shutil.copyfile(tokenizer, target)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (tokenizer.parent / name).is_file() and tokenizer.parent.resolve() != out_dir.resolve():
             shutil.copyfile(tokenizer.parent / name, out_dir / name)

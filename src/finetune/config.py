@@ -35,6 +35,11 @@ class DType(Enum):
     bf16 = "bf16"
 
 
+class OutputFormat(Enum):
+    hf = "hf"
+    meta = "meta"
+
+
 class Device(Enum):
     auto = "auto"
     cpu = "cpu"
@@ -77,7 +82,8 @@ class ModelConfig:
         return self.dim // self.n_heads
 
 
-DATASET_FORMATS = ("alpaca",)
+DATASET_FORMATS = ("alpaca", "chat")
+DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 @dataclass
@@ -93,7 +99,7 @@ class ColumnMap:
 class DatasetConfig:
     """A local instruction dataset."""
 
-    path: str = option("", "a .json file (a list of records) or a .jsonl file (one per line)")
+    path: str = option("", "a .json (a list of records), .jsonl, .csv or .parquet file")
     format: str = option("alpaca", f"record layout: {', '.join(DATASET_FORMATS)}")
     column_map: ColumnMap = option(doc="which record field holds each part", factory=ColumnMap)
     train_on_input: bool = option(False, "also compute the loss on the prompt tokens")
@@ -113,7 +119,9 @@ class FullFinetuneParams:
     model: ModelConfig = option(doc="architecture; must match the checkpoint", factory=ModelConfig)
     dataset: DatasetConfig = option(doc="training data", factory=DatasetConfig)
     checkpoint: str = option("", "directory of the model to fine-tune (Hugging Face format)")
-    tokenizer: str = option("", "tokenizer.model to use; defaults to the one in `checkpoint`")
+    tokenizer: str = option(
+        "", "tokenizer.model (SentencePiece) or tokenizer.json; defaults to the checkpoint's"
+    )
     output_dir: str = option("", "where metrics, plots and the model go; Hydra's run directory")
     lr: float = option(2e-5, "peak learning rate, reached after the warmup")
     warmup_steps: int = option(0, "optimizer steps of linear warmup before the cosine decay")
@@ -130,6 +138,9 @@ class FullFinetuneParams:
     shuffle: bool = option(True, "shuffle the data every epoch (seeded); false keeps file order")
     log_every_n_steps: int = option(1, "optimizer steps between progress lines and metrics rows")
     max_shard_size_mb: int = option(5000, "split the saved model.safetensors above this size")
+    output_format: OutputFormat = option(
+        OutputFormat.hf, "hf: model/ in Hugging Face format; meta: also model_meta/ in Meta's"
+    )
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", "must be > 0", self.lr)
@@ -162,16 +173,26 @@ class FullFinetuneParams:
             raise ConfigError("output_dir", "is required")
         # Required fields of nested parts are checked here: OmegaConf builds a nested dataclass
         # with its defaults when it reads the schema, so its own __post_init__ must accept them.
-        _require_file(self.dataset.path, "dataset.path", suffixes=(".json", ".jsonl"))
+        _require_file(self.dataset.path, "dataset.path", suffixes=DATASET_SUFFIXES)
         _require_dir(self.checkpoint, "checkpoint")
         if not self.tokenizer:
-            self.tokenizer = str(Path(self.checkpoint) / "tokenizer.model")
-            if not Path(self.tokenizer).is_file():
-                raise ConfigError(
-                    "tokenizer",
-                    f"no tokenizer.model in checkpoint {self.checkpoint}; set tokenizer=PATH",
-                )
-        _require_file(self.tokenizer, "tokenizer", suffixes=(".model",))
+            self.tokenizer = str(_checkpoint_tokenizer(Path(self.checkpoint)))
+        _require_file(self.tokenizer, "tokenizer", suffixes=TOKENIZER_SUFFIXES)
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+TOKENIZER_SUFFIXES = (".model", ".json")
+
+
+def _checkpoint_tokenizer(checkpoint: Path) -> Path:
+    """The tokenizer shipped with a checkpoint: in its directory, or (Meta's layout) above it."""
+    for directory in (checkpoint, checkpoint.parent):
+        for name in TOKENIZER_FILES:
+            if (directory / name).is_file():
+                return directory / name
+    raise ConfigError(
+        "tokenizer", f"no {' or '.join(TOKENIZER_FILES)} in {checkpoint}; set tokenizer=PATH"
+    )
 
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -187,12 +208,13 @@ def _require_dir(path: str, key: str) -> None:
 
 
 def _require_file(path: str, key: str, suffixes: tuple[str, ...]) -> None:
+    kinds = " or ".join([", ".join(suffixes[:-1]), suffixes[-1]] if len(suffixes) > 1 else suffixes)
     if not path:
-        raise ConfigError(key, f"is required (a {' or '.join(suffixes)} file)")
+        raise ConfigError(key, f"is required (a {kinds} file)")
     if not Path(path).is_file():
         raise ConfigError(key, f"file not found: {path}")
     if Path(path).suffix not in suffixes:
-        raise ConfigError(key, f"expected a {' or '.join(suffixes)} file, got {path}")
+        raise ConfigError(key, f"expected a {kinds} file, got {path}")
 
 
 # Each recipe's root dataclass, by the name of its `conf/recipe/` option.
