@@ -32,13 +32,11 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoint import save_hf
-from finetune.config import ASSETS_DIR, ModelConfig
+from finetune.config import ASSETS_DIR, ModelConfig, model_preset
 from finetune.model import Llama
 
 TINY_DIR = ASSETS_DIR / "tiny"
-TINY = ModelConfig(
-    vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, context_length=1024
-)
+TINY = model_preset("tiny")
 MEDIUM = ModelConfig(
     vocab_size=32000,
     dim=512,

@@ -6,6 +6,7 @@ Everything is built from the docstrings of Python's standard library, the one li
 that every machine with Python has:
 
 * `sample.jsonl`: Alpaca-format questions about the standard library, answered from its docstrings.
+* `sample_chat.jsonl`: the first of those records, grouped into chat conversations.
 * `tiny/tokenizer.model`: a SentencePiece BPE tokenizer with Llama-2's conventions.
 * `tiny/`: a 5M-parameter Llama pretrained on the raw docstrings, in Hugging Face format.
 
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.checkpoint import save_hf
-from finetune.config import ModelConfig
+from finetune.config import model_preset
 from finetune.model import Llama, count_parameters
 
 SEED = 0
@@ -290,7 +291,39 @@ def build_dataset(docs: list[Doc], rng: random.Random) -> list[dict[str, str]]:
     return records
 
 
-def write_jsonl(records: list[dict[str, str]], path: Path) -> None:
+# Chat conversations made of sample.jsonl's records, 1 to MAX_CHAT_TURNS records each.
+N_CHATS, MAX_CHAT_TURNS = 300, 3
+CHAT_SYSTEM_PROMPT = "You answer questions about Python's standard library in a sentence or two."
+
+
+def chat_user_message(record: dict[str, str]) -> str:
+    """An Alpaca record's instruction as a user would ask it, with its input below."""
+    if not record["input"]:
+        return record["instruction"]
+    return f"{record['instruction']}\n\n{record['input']}"
+
+
+def build_chat_dataset(records: list[dict[str, str]], rng: random.Random) -> list[dict]:
+    """OpenAI-style conversations, each of 1 to MAX_CHAT_TURNS consecutive records as turns.
+
+    Every other conversation starts with a system prompt, so that both layouts of Llama-2's chat
+    format occur. The records are taken in file order: `records` is shuffled already.
+    """
+    conversations = []
+    start = 0
+    for index in range(N_CHATS):
+        n_turns = rng.randint(1, MAX_CHAT_TURNS)
+        turns = records[start : start + n_turns]
+        start += n_turns
+        messages = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}] if index % 2 == 0 else []
+        for record in turns:
+            messages.append({"role": "user", "content": chat_user_message(record)})
+            messages.append({"role": "assistant", "content": record["output"]})
+        conversations.append({"messages": messages})
+    return conversations
+
+
+def write_jsonl(records: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for record in records:
@@ -369,15 +402,8 @@ def check_tokenizer(sp: spm.SentencePieceProcessor) -> None:
 # Pretraining
 # --------------------------------------------------------------------------------------------
 
-TINY = ModelConfig(
-    vocab_size=VOCAB_SIZE,
-    dim=256,
-    n_layers=4,
-    n_heads=8,
-    n_kv_heads=4,
-    ffn_dim=704,
-    context_length=1024,
-)
+TINY = model_preset("tiny")  # conf/model/tiny.yaml is the one place the architecture lives
+assert TINY.vocab_size == VOCAB_SIZE
 SEQ_LEN = 256
 BATCH_SIZE = 8  # small batches and more steps learn more in the same time than the reverse
 DEFAULT_STEPS = 800  # about 4 epochs; 4-5 minutes on 2 cores
@@ -495,6 +521,9 @@ def main() -> None:
     records = build_dataset(docs, random.Random(SEED))
     write_jsonl(records, args.out / "sample.jsonl")
     print(f"sample.jsonl: {len(records)} records")
+    chats = build_chat_dataset(records, random.Random(SEED))
+    write_jsonl(chats, args.out / "sample_chat.jsonl")
+    print(f"sample_chat.jsonl: {len(chats)} conversations")
 
     tiny_dir = args.out / "tiny"
     sp = train_tokenizer(docs, tiny_dir / "tokenizer.model")

@@ -14,9 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from finetune.__main__ import config_dir
 from finetune.checkpoint import save_hf
-from finetune.config import ASSETS_DIR, ModelConfig, register_schemas
+from finetune.config import ASSETS_DIR, ModelConfig, config_dir, register_schemas
 from finetune.model import Llama
 from finetune.tokenizer import Tokenizer
 

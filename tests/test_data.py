@@ -7,10 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
-from finetune.config import ColumnMap, DatasetConfig
+from finetune.config import DATASET_FORMATS, ColumnMap, DatasetConfig
 from finetune.data import (
     IGNORE_INDEX,
+    LOADERS,
     Example,
     alpaca_prompt,
     batches,
@@ -60,9 +62,10 @@ def test_alpaca_prompt_keeps_braces_in_the_text() -> None:
 def test_tokenizer_has_llama2_special_ids_and_pad_zero(tokenizer: Tokenizer) -> None:
     assert tokenizer.vocab_size == 4096
     assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
-    assert tokenizer.sp.pad_id() == -1  # no pad piece, as in Llama-2
+    sentencepiece = spm.SentencePieceProcessor(model_file=str(TINY_TOKENIZER))
+    assert sentencepiece.pad_id() == -1  # no pad piece, as in Llama-2
     assert tokenizer.pad_id == 0
-    assert tokenizer.sp.IdToPiece(1) == "<s>" and tokenizer.sp.IdToPiece(2) == "</s>"
+    assert tokenizer.id_to_piece(1) == "<s>" and tokenizer.id_to_piece(2) == "</s>"
 
 
 def test_check_vocab_accepts_the_same_size(tokenizer: Tokenizer) -> None:
@@ -84,6 +87,15 @@ def test_a_file_that_is_not_a_sentencepiece_model_is_a_user_error(tmp_path: Path
         Tokenizer(path)
 
 
+def test_a_tokenizer_file_of_another_kind_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.txt"
+    path.write_text("a\nb\n")
+    with pytest.raises(UserError) as error:
+        Tokenizer(path)
+    assert str(error.value).startswith(f"{path}:")
+    assert "tokenizer.model or tokenizer.json" in str(error.value)
+
+
 CONTINUATIONS = ["Hello world", "x", "  indented", "42 apples, 7 pears", "é ✓ 漢字", "\nagain"]
 
 
@@ -99,8 +111,8 @@ def test_continuation_ids_are_the_ids_after_a_newline(tokenizer: Tokenizer, text
 def test_output_tokens_have_no_dummy_prefix(tokenizer: Tokenizer, text: str) -> None:
     start = tokenizer.encode(text)
     continued = tokenizer.encode_continuation(text)
-    assert tokenizer.sp.IdToPiece(start[0]).startswith("▁")
-    assert not tokenizer.sp.IdToPiece(continued[0]).startswith("▁")
+    assert tokenizer.id_to_piece(start[0]).startswith("▁")
+    assert not tokenizer.id_to_piece(continued[0]).startswith("▁")
     assert tokenizer.decode(continued) == text
 
 
@@ -186,6 +198,10 @@ def test_tokenize_alpaca_truncates_at_max_seq_len(
         assert example.labels == full.labels[:max_seq_len]
     longer = tokenize_alpaca(RECORD, tokenizer, len(full.tokens) + 10, train_on_input)
     assert longer == full
+
+
+def test_every_dataset_format_has_a_loader() -> None:
+    assert set(LOADERS) == set(DATASET_FORMATS)
 
 
 def test_load_dataset_reads_renames_and_tokenizes(tokenizer: Tokenizer, tmp_path: Path) -> None:
@@ -435,3 +451,12 @@ def test_shuffled_epoch_order_depends_only_on_seed_and_epoch() -> None:
 def test_shuffled_epoch_order_differs_across_epochs_and_seeds() -> None:
     orders = [epoch_order(50, True, seed, epoch) for seed in (0, 1, 2) for epoch in (0, 1, 2)]
     assert len({tuple(order) for order in orders}) == len(orders)
+
+
+def test_collate_rounds_the_batch_length_up_to_a_multiple() -> None:
+    examples = [Example(tokens=[1, 5, 6, 7, 2], labels=[-100, 5, 6, 7, 2])]
+    batch = collate(examples, pad_id=0, pad_to_multiple_of=8)
+    assert batch.inputs.shape == (1, 8)
+    assert batch.inputs[0].tolist() == [1, 5, 6, 7, 0, 0, 0, 0]
+    assert batch.targets[0].tolist() == [5, 6, 7, 2, -100, -100, -100, -100]
+    assert batch.n_tokens == 4

@@ -1,4 +1,8 @@
-"""The Llama model against transformers' LlamaForCausalLM, and Hugging Face checkpoint files."""
+"""The Llama model against transformers' LlamaForCausalLM, and Hugging Face checkpoint files.
+
+Meta's format, .bin files and format detection are in test_checkpoint_formats.py; the published
+parameter counts of the Llama-2 configs in test_configs.py.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from finetune.checkpoint import SAFETENSORS_INDEX, hf_key, load_hf, save_hf
+from finetune.checkpoint import SAFETENSORS_INDEX, hf_key, load_checkpoint, save_hf
 from finetune.config import ModelConfig
 from finetune.errors import UserError
-from finetune.model import Llama, count_parameters
-from tests.conftest import SMALL_MODEL, TINY_TOKENIZER, compose_config, write_checkpoint
+from finetune.model import Llama
+from tests.conftest import SMALL_MODEL, TINY_TOKENIZER, write_checkpoint
 
 CPU = torch.device("cpu")
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -117,7 +120,7 @@ def test_transformers_loads_a_written_checkpoint_with_the_same_logits(tmp_path: 
     reference = AutoModelForCausalLM.from_pretrained(
         ckpt, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    ours = load_hf(GQA_MODEL, ckpt, CPU, torch.float32).eval()
+    ours = load_checkpoint(GQA_MODEL, ckpt, CPU, torch.float32).eval()
     tokens = random_tokens(GQA_MODEL, (2, 17))
 
     with torch.no_grad():
@@ -129,36 +132,6 @@ def test_transformers_loads_a_written_checkpoint_with_the_same_logits(tmp_path: 
     assert hf_rope_theta(reference.config) == GQA_MODEL.rope_theta
     assert reference.config.rms_norm_eps == GQA_MODEL.norm_eps
     assert max_abs_diff(actual, expected) <= 1e-4
-
-
-def test_load_hf_reads_a_checkpoint_saved_by_transformers(tmp_path: Path) -> None:
-    reference = hf_llama(GQA_MODEL)
-    reference.load_state_dict(
-        {hf_key(k): v for k, v in random_model(GQA_MODEL, seed=5).state_dict().items()}
-    )
-    reference.save_pretrained(tmp_path)
-    ours = load_hf(GQA_MODEL, tmp_path, CPU, torch.float32).eval()
-    tokens = random_tokens(GQA_MODEL, (1, 20))
-
-    with torch.no_grad():
-        assert max_abs_diff(ours(tokens), reference(input_ids=tokens).logits) <= 1e-4
-
-
-# --------------------------------------------------------------------------------------------
-# Published sizes
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("option", "expected"),
-    [("llama2", 6_738_415_616), ("llama2_13b", 13_015_864_320), ("llama2_70b", 68_976_648_192)],
-)
-def test_llama2_configs_have_the_published_parameter_counts(option: str, expected: int) -> None:
-    cfg = OmegaConf.to_object(compose_config([f"model={option}"]).model)
-    assert isinstance(cfg, ModelConfig)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    assert count_parameters(model) == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,74 +190,74 @@ def test_right_padding_does_not_change_the_logits_of_real_tokens() -> None:
         ("rope_theta", 500000.0, "rope_theta"),
     ],
 )
-def test_load_hf_rejects_a_checkpoint_of_another_architecture(
+def test_load_checkpoint_rejects_a_checkpoint_of_another_architecture(
     small_checkpoint: Path, field: str, value: object, hf_name: str
 ) -> None:
     configured = dataclasses.replace(SMALL_MODEL, **{field: value})
     with pytest.raises(UserError) as error:
-        load_hf(configured, small_checkpoint, CPU, torch.float32)
+        load_checkpoint(configured, small_checkpoint, CPU, torch.float32)
     message = str(error.value)
     assert str(small_checkpoint / "config.json") in message
     assert f"model.{field}={value}" in message
     assert f"{hf_name}={getattr(SMALL_MODEL, field)}" in message
 
 
-def test_load_hf_ignores_a_different_context_length(small_checkpoint: Path) -> None:
+def test_load_checkpoint_ignores_a_different_context_length(small_checkpoint: Path) -> None:
     configured = dataclasses.replace(SMALL_MODEL, context_length=64)
-    model = load_hf(configured, small_checkpoint, CPU, torch.float32)
+    model = load_checkpoint(configured, small_checkpoint, CPU, torch.float32)
     assert model.cfg.context_length == 64
 
 
-def test_load_hf_rejects_a_transformers_checkpoint_with_another_rope_base(
+def test_load_checkpoint_rejects_a_transformers_checkpoint_with_another_rope_base(
     tmp_path: Path,
 ) -> None:
     saved = dataclasses.replace(SMALL_MODEL, rope_theta=500000.0)
     hf_llama(saved).save_pretrained(tmp_path)
     with pytest.raises(UserError) as error:
-        load_hf(SMALL_MODEL, tmp_path, CPU, torch.float32)
+        load_checkpoint(SMALL_MODEL, tmp_path, CPU, torch.float32)
     assert "rope_theta" in str(error.value)
     assert "500000" in str(error.value) and "10000" in str(error.value)
 
 
-def test_load_hf_names_the_missing_weight(tmp_path: Path) -> None:
+def test_load_checkpoint_names_the_missing_weight(tmp_path: Path) -> None:
     ckpt = write_checkpoint(tmp_path)
     file = ckpt / "model.safetensors"
     tensors = load_file(file)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, file)
     with pytest.raises(UserError) as error:
-        load_hf(SMALL_MODEL, ckpt, CPU, torch.float32)
+        load_checkpoint(SMALL_MODEL, ckpt, CPU, torch.float32)
     assert str(ckpt) in str(error.value)
     assert "model.layers.1.mlp.up_proj.weight" in str(error.value)
 
 
-def test_load_hf_names_the_file_and_key_of_a_wrongly_shaped_tensor(tmp_path: Path) -> None:
+def test_load_checkpoint_names_the_file_and_key_of_a_wrongly_shaped_tensor(tmp_path: Path) -> None:
     ckpt = write_checkpoint(tmp_path)
     file = ckpt / "model.safetensors"
     tensors = load_file(file)
     tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)
     save_file(tensors, file)
     with pytest.raises(UserError) as error:
-        load_hf(SMALL_MODEL, ckpt, CPU, torch.float32)
+        load_checkpoint(SMALL_MODEL, ckpt, CPU, torch.float32)
     message = str(error.value)
     assert str(file) in message
     assert "model.layers.0.self_attn.k_proj.weight" in message
     assert "(64, 64)" in message and "(32, 64)" in message
 
 
-def test_load_hf_names_the_file_and_key_of_an_unexpected_tensor(tmp_path: Path) -> None:
+def test_load_checkpoint_names_the_file_and_key_of_an_unexpected_tensor(tmp_path: Path) -> None:
     ckpt = write_checkpoint(tmp_path)
     file = ckpt / "model.safetensors"
     tensors = load_file(file)
     tensors["model.layers.2.mlp.up_proj.weight"] = torch.zeros(160, 64)
     save_file(tensors, file)
     with pytest.raises(UserError) as error:
-        load_hf(SMALL_MODEL, ckpt, CPU, torch.float32)
+        load_checkpoint(SMALL_MODEL, ckpt, CPU, torch.float32)
     assert str(file) in str(error.value)
     assert "model.layers.2.mlp.up_proj.weight" in str(error.value)
 
 
-def test_load_hf_names_a_shard_that_the_index_lists_but_is_missing(tmp_path: Path) -> None:
+def test_load_checkpoint_names_a_shard_that_the_index_lists_but_is_missing(tmp_path: Path) -> None:
     model = random_model(SMALL_MODEL)
     save_hf(
         model,
@@ -298,31 +271,31 @@ def test_load_hf_names_a_shard_that_the_index_lists_but_is_missing(tmp_path: Pat
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(UserError) as error:
-        load_hf(SMALL_MODEL, tmp_path, CPU, torch.float32)
+        load_checkpoint(SMALL_MODEL, tmp_path, CPU, torch.float32)
     assert str(shard) in str(error.value)
 
 
-def test_load_hf_names_a_truncated_weights_file(tmp_path: Path) -> None:
+def test_load_checkpoint_names_a_truncated_weights_file(tmp_path: Path) -> None:
     ckpt = write_checkpoint(tmp_path)
     file = ckpt / "model.safetensors"
     file.write_bytes(file.read_bytes()[:1000])
     with pytest.raises(UserError) as error:
-        load_hf(SMALL_MODEL, ckpt, CPU, torch.float32)
+        load_checkpoint(SMALL_MODEL, ckpt, CPU, torch.float32)
     assert str(file) in str(error.value)
 
 
-def test_load_hf_without_config_json_is_a_user_error(tmp_path: Path) -> None:
+def test_load_checkpoint_without_config_json_is_a_user_error(tmp_path: Path) -> None:
     ckpt = write_checkpoint(tmp_path)
     (ckpt / "config.json").unlink()
     with pytest.raises(UserError, match=r"config\.json"):
-        load_hf(SMALL_MODEL, ckpt, CPU, torch.float32)
+        load_checkpoint(SMALL_MODEL, ckpt, CPU, torch.float32)
 
 
-def test_load_hf_without_weights_is_a_user_error(tmp_path: Path) -> None:
+def test_load_checkpoint_without_weights_is_a_user_error(tmp_path: Path) -> None:
     ckpt = write_checkpoint(tmp_path)
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(UserError, match=re.escape(str(ckpt))):
-        load_hf(SMALL_MODEL, ckpt, CPU, torch.float32)
+        load_checkpoint(SMALL_MODEL, ckpt, CPU, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,13 +303,13 @@ def test_load_hf_without_weights_is_a_user_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_load_hf_reads_back_what_save_hf_wrote_bit_identically(tmp_path: Path) -> None:
+def test_load_checkpoint_reads_back_what_save_hf_wrote_bit_identically(tmp_path: Path) -> None:
     model = random_model(SMALL_MODEL)
     save_hf(model, tmp_path, tokenizer=TINY_TOKENIZER, bos_id=1, eos_id=2, dtype=torch.float32)
     assert (tmp_path / "model.safetensors").is_file()
     assert not (tmp_path / SAFETENSORS_INDEX).exists()
     assert (tmp_path / "tokenizer.model").read_bytes() == TINY_TOKENIZER.read_bytes()
-    loaded = load_hf(SMALL_MODEL, tmp_path, CPU, torch.float32)
+    loaded = load_checkpoint(SMALL_MODEL, tmp_path, CPU, torch.float32)
     expected = model.state_dict()
     assert loaded.state_dict().keys() == expected.keys()
     for name, tensor in loaded.state_dict().items():
@@ -344,7 +317,9 @@ def test_load_hf_reads_back_what_save_hf_wrote_bit_identically(tmp_path: Path) -
         assert torch.equal(tensor, expected[name]), name
 
 
-def test_save_hf_shards_above_max_shard_bytes_and_load_hf_reads_them(tmp_path: Path) -> None:
+def test_save_hf_shards_above_max_shard_bytes_and_load_checkpoint_reads_them(
+    tmp_path: Path,
+) -> None:
     model = random_model(GQA_MODEL)
     max_shard_bytes = 100_000  # the embedding and the output layer (256 KiB) exceed it alone
     save_hf(
@@ -374,7 +349,7 @@ def test_save_hf_shards_above_max_shard_bytes_and_load_hf_reads_them(tmp_path: P
             size = sum(f.get_tensor(k).numel() * 4 for k in keys)
             assert size <= max_shard_bytes or len(keys) == 1
 
-    loaded = load_hf(GQA_MODEL, tmp_path, CPU, torch.float32)
+    loaded = load_checkpoint(GQA_MODEL, tmp_path, CPU, torch.float32)
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, state[name]), name
 
@@ -394,6 +369,6 @@ def test_save_hf_writes_the_requested_dtype(tmp_path: Path) -> None:
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
     tensors = load_file(tmp_path / "model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    loaded = load_hf(SMALL_MODEL, tmp_path, CPU, torch.float32)
+    loaded = load_checkpoint(SMALL_MODEL, tmp_path, CPU, torch.float32)
     weight = model.state_dict()["lm_head.weight"]
     assert torch.equal(loaded.lm_head.weight, weight.to(torch.bfloat16).float())

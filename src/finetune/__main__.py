@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,15 +17,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.config import RECIPE_PARAMS, FullFinetuneParams, build_params, field_help
+from finetune.config import (
+    RECIPE_PARAMS,
+    FullFinetuneParams,
+    LoraFinetuneParams,
+    build_params,
+    config_dir,
+    field_help,
+)
 from finetune.config import register_schemas as _register_schemas
 from finetune.errors import UserError
-
-
-def config_dir() -> Path:
-    """`conf/` inside an installed wheel, else the repository's `conf/` (editable installs)."""
-    packaged = Path(__file__).parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
 
 
 def _run_full(params: FullFinetuneParams) -> float:
@@ -35,8 +35,17 @@ def _run_full(params: FullFinetuneParams) -> float:
     return full.run(params)
 
 
+def _run_lora(params: LoraFinetuneParams) -> float:
+    from finetune.recipes import lora
+
+    return lora.run(params)
+
+
 # Each params dataclass -> the recipe that runs it (imported only when called).
-RECIPES: dict[type, Callable[[object], float]] = {FullFinetuneParams: _run_full}
+RECIPES: dict[type, Callable[[object], float]] = {
+    FullFinetuneParams: _run_full,
+    LoraFinetuneParams: _run_lora,
+}
 
 _register_schemas()
 

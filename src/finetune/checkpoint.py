@@ -1,13 +1,27 @@
-"""Hugging Face checkpoint directories: `config.json` + safetensors, read lazily, written sharded.
+"""Checkpoint directories: Hugging Face's and Meta's formats in, Hugging Face's out.
+
+`load_checkpoint` tells the format from the directory's files, then streams the weights into a
+model built on the meta device: each tensor is viewed lazily through a memory map, copied once
+into the run's dtype, and its file pages are dropped, so loading holds little more than the model.
+Nothing on a load path runs code from a file: safetensors holds only tensors, and
+`torch.load(weights_only=True)` refuses any pickled object that is not a tensor.
 
 A Hugging Face `LlamaForCausalLM` state dict is finetune's own with `model.` in front of every key
-but `lm_head.weight` (see model.py), so loading and saving are a rename.
+but `lm_head.weight` (see model.py), so that format is a rename. Meta's is in meta_format.py.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
+import pickle
 import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -16,9 +30,28 @@ from safetensors.torch import save_file
 
 from finetune.config import ModelConfig
 from finetune.errors import UserError
+from finetune.meta_format import (
+    NOT_PARAMETERS,
+    PARAMS_FILE,
+    SHARD_GLOB,
+    check_meta_architecture,
+    check_same_keys,
+    halves_from_pairs,
+    is_rotary,
+    meta_files,
+    meta_key,
+    meta_slice_shape,
+    shard_name,
+    split_dim,
+)
 from finetune.model import Llama
 
+SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+# The most of a file that loading reads before copying it and handing its pages back.
+COPY_BLOCK_BYTES = 16 * 2**20
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 # ModelConfig field -> Hugging Face LlamaConfig key.
@@ -142,57 +175,283 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def load_hf(cfg: ModelConfig, ckpt_dir: Path, device: torch.device, dtype: torch.dtype) -> Llama:
-    """Build the model on the meta device and fill it straight from the memory-mapped files."""
-    check_architecture(cfg, ckpt_dir)
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+class CheckpointFormat(Enum):
+    hf_safetensors = "Hugging Face, safetensors"
+    hf_bin = "Hugging Face, PyTorch .bin"
+    meta = "Meta, consolidated.NN.pth"
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """What `find_checkpoint` found in a checkpoint directory."""
+
+    format: CheckpointFormat
+    config: Path  # config.json or params.json: the architecture
+    weights: list[Path]  # every file that holds weights, in order
+    listing: Path  # the file that should have listed a weight found missing
+
+
+# (key as the checkpoint names it, tensor in the run's dtype on its device)
+Weights = Iterator[tuple[str, torch.Tensor]]
+
+
+def load_checkpoint(
+    cfg: ModelConfig, ckpt_dir: Path, device: torch.device, dtype: torch.dtype
+) -> Llama:
+    """A model of architecture `cfg` with the weights of `ckpt_dir` (Hugging Face's or Meta's
+    format, told by its files), in `dtype` on `device`."""
+    found = find_checkpoint(Path(ckpt_dir))
     with torch.device("meta"):
         model = Llama(cfg)
-    expected = {hf_key(name): p for name, p in model.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(ckpt_dir):
-        try:
-            state.update(_read_safetensors(file, expected, device, dtype))
-        except SafetensorError as e:
-            raise UserError(f"{file}: not a readable safetensors file ({e})") from None
-    missing = sorted(set(expected) - {hf_key(k) for k in state})
+    file_key = meta_key if found.format is CheckpointFormat.meta else hf_key
+    names = {file_key(name): name for name in model.state_dict()}
+    shapes = {key: model.get_parameter(name).shape for key, name in names.items()}
+    weights = _read_weights(found, cfg, shapes, device, dtype)
+    state = {names[key]: tensor for key, tensor in weights}
+    missing = [key for key, name in names.items() if name not in state]
     if missing:
-        raise UserError(f"{ckpt_dir}: missing {len(missing)} weights, e.g. {missing[0]!r}")
+        raise UserError(
+            f"{found.listing}: missing {missing[0]!r} "
+            f"({len(missing)} of the model's {len(names)} weights are missing)"
+        )
     model.load_state_dict(state, assign=True)
     return model
 
 
-def _read_safetensors(
-    file: Path, expected: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """The tensors of one file under finetune's names, each checked and cast as it is read."""
-    state = {}
-    with safe_open(file, framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            if key not in expected:
-                raise UserError(f"{file}: unexpected key {key!r} for a Llama model")
-            tensor = f.get_tensor(key)
-            if tensor.shape != expected[key].shape:
-                raise UserError(
-                    f"{file}: {key} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(expected[key].shape)}"
-                )
-            state[key.removeprefix("model.")] = tensor.to(device=device, dtype=dtype)
+# The name before Meta checkpoints were readable; it reads every format.
+load_hf = load_checkpoint
+
+
+def _read_weights(
+    found: CheckpointFiles,
+    cfg: ModelConfig,
+    shapes: dict[str, torch.Size],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Weights:
+    """Check the architecture, then read the tensors in the format's own way."""
+    if found.format is CheckpointFormat.meta:
+        check_meta_architecture(cfg, found.config)
+        return _read_meta(found.weights, shapes, cfg.head_dim, device, dtype)
+    check_architecture(cfg, found.config.parent)
+    if found.format is CheckpointFormat.hf_safetensors:
+        return _read_hf_safetensors(found.weights, shapes, device, dtype)
+    return _read_hf_bin(found.weights, shapes, device, dtype)
+
+
+def find_checkpoint(ckpt_dir: Path) -> CheckpointFiles:
+    """The format of `ckpt_dir` and its files; a Hugging Face checkpoint in safetensors wins."""
+    if not ckpt_dir.is_dir():
+        raise UserError(f"{ckpt_dir}: not a directory")
+    hf_layouts = [
+        (CheckpointFormat.hf_safetensors, SAFETENSORS, SAFETENSORS_INDEX),
+        (CheckpointFormat.hf_bin, PYTORCH_BIN, PYTORCH_BIN_INDEX),
+    ]
+    for checkpoint_format, single, index in hf_layouts:
+        present = [ckpt_dir / n for n in (index, single) if (ckpt_dir / n).is_file()]
+        if present:
+            if not (ckpt_dir / "config.json").is_file():
+                raise UserError(f"{ckpt_dir}: {present[0].name} but no config.json beside it")
+            weights, listing = _hf_weight_files(ckpt_dir, present[0])
+            return CheckpointFiles(checkpoint_format, ckpt_dir / "config.json", weights, listing)
+    if (ckpt_dir / PARAMS_FILE).is_file() or any(ckpt_dir.glob(SHARD_GLOB)):
+        params, shards = meta_files(ckpt_dir)
+        return CheckpointFiles(CheckpointFormat.meta, params, shards, shards[0])
+    if (ckpt_dir / "config.json").is_file():
+        raise UserError(
+            f"{ckpt_dir}: config.json but no {SAFETENSORS}, {SAFETENSORS_INDEX}, {PYTORCH_BIN} "
+            f"or {PYTORCH_BIN_INDEX}"
+        )
+    raise UserError(
+        f"{ckpt_dir}: no checkpoint: expected config.json with {SAFETENSORS} or {PYTORCH_BIN} "
+        f"(Hugging Face), or {PARAMS_FILE} with {shard_name(0)} (Meta)"
+    )
+
+
+def _hf_weight_files(ckpt_dir: Path, first: Path) -> tuple[list[Path], Path]:
+    """(weight files, the file that lists them) from a single weights file or an index."""
+    if not first.name.endswith(".index.json"):
+        return [first], first
+    files = [ckpt_dir / name for name in sorted(set(_weight_map(first).values()))]
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: missing, but {first.name} lists it")
+    return files, first
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{index}: not a readable index of weight files ({e!r})") from None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index}: weight_map is not a mapping from weight names to files")
+    for key, name in weight_map.items():
+        # A bare file name: an index must not point outside its checkpoint.
+        if not isinstance(name, str) or Path(name).name != name:
+            raise UserError(f"{index}: {key} is in {name!r}, expected a file name")
+    return weight_map
+
+
+def _read_hf_safetensors(
+    files: list[Path], shapes: dict[str, torch.Size], device: torch.device, dtype: torch.dtype
+) -> Weights:
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    view = f.get_tensor(key)  # memory-mapped: nothing is read yet
+                    _check_shape(file, key, view.shape, shapes.get(key))
+                    yield key, _tensor_from_file(view, device, dtype)
+        except SafetensorError as e:
+            raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _read_hf_bin(
+    files: list[Path], shapes: dict[str, torch.Size], device: torch.device, dtype: torch.dtype
+) -> Weights:
+    for file in files:
+        for key, view in _load_torch_file(file).items():
+            _check_shape(file, key, view.shape, shapes.get(key))
+            yield key, _tensor_from_file(view, device, dtype)
+
+
+def _read_meta(
+    files: list[Path],
+    shapes: dict[str, torch.Size],
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Weights:
+    """Meta's shards, merged one key at a time: only that key's slices are read at once."""
+    shards = [_load_torch_file(file) for file in files]
+    check_same_keys(files, shards)
+    for key in shards[0]:
+        if key in NOT_PARAMETERS:
+            continue
+        if key not in shapes:
+            raise UserError(f"{files[0]}: unexpected key {key!r} for a Llama model")
+        slices = [shard[key] for shard in shards]
+        yield key, _merge_slices(files, key, slices, shapes[key], head_dim, device, dtype)
+
+
+def _merge_slices(
+    files: list[Path],
+    key: str,
+    slices: list[torch.Tensor],
+    shape: torch.Size,
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """One weight from its model-parallel slices, in `dtype`, wq/wk rows in our rotary order."""
+    dim = split_dim(key)
+    if dim is None:  # replicated: every shard has the whole tensor
+        files, slices, dim = files[:1], slices[:1], 0
+    slice_shape = meta_slice_shape(files[0], key, shape, dim, len(slices), head_dim)
+    merged = torch.empty(shape, dtype=dtype, device=device)
+    offset = 0
+    for file, view in zip(files, slices, strict=True):
+        _check_shape(file, key, view.shape, slice_shape)
+        region = merged.narrow(dim, offset, slice_shape[dim])
+        if is_rotary(key):
+            reorder = functools.partial(halves_from_pairs, head_dim=head_dim)
+            _copy_from_file(region, view, rows_together=head_dim, reorder=reorder)
+        else:
+            _copy_from_file(region, view)
+        offset += slice_shape[dim]
+    return merged
+
+
+def _check_shape(file: Path, key: str, found: torch.Size, expected: torch.Size | None) -> None:
+    if expected is None:
+        raise UserError(f"{file}: unexpected key {key!r} for a Llama model")
+    if found != expected:
+        raise UserError(f"{file}: {key} has shape {tuple(found)}, expected {tuple(expected)}")
+
+
+def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """A torch.save file's tensors, memory-mapped; `weights_only` unpickles nothing but tensors
+    and plain containers, so no code in the file can run."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path}: holds Python objects other than tensors; not loaded, since unpickling "
+            f"them could run code"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable PyTorch weights file ({reason})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"{path}: expected a mapping from names to tensors")
     return state
 
 
-def _safetensors_files(ckpt_dir: Path) -> list[Path]:
-    index = ckpt_dir / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise UserError(f"{file}: missing, but {index.name} lists it")
-        return files
-    single = ckpt_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise UserError(f"{ckpt_dir}: no model.safetensors or {SAFETENSORS_INDEX}")
+def _tensor_from_file(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of its own, in `dtype` on `device`, with the values of the memory-mapped `view`.
+
+    Always a copy, even in the file's dtype: a model whose weights pointed into a file mapping
+    would keep the whole file mapped, and torch.save would write all of it for each weight.
+    """
+    tensor = torch.empty(view.shape, dtype=dtype, device=device)
+    _copy_from_file(tensor, view)
+    return tensor
+
+
+def _copy_from_file(
+    target: torch.Tensor,
+    view: torch.Tensor,
+    rows_together: int = 1,
+    reorder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """`target[:] = reorder(view)`, a block of rows at a time, each block's file pages dropped
+    once copied: so no more than one block of the file is resident at once, however large the
+    tensor (an embedding is 1 GB at 70B). `reorder` must work on `rows_together` rows at a time."""
+    if view.ndim == 0:
+        target.copy_(view)
+        return
+    row_bytes = view[0].numel() * view.element_size()
+    rows = max(1, COPY_BLOCK_BYTES // max(1, row_bytes) // rows_together) * rows_together
+    for start in range(0, view.shape[0], rows):
+        block = view[start : start + rows]
+        target[start : start + rows].copy_(reorder(block) if reorder else block)
+        _drop_file_pages(block)
+
+
+def _drop_file_pages(view: torch.Tensor) -> None:
+    """Let the kernel take back the pages of a memory-mapped tensor that has been copied.
+
+    Pages read through a file mapping count in the process's resident memory until the mapping
+    goes, and a file stays mapped while any of its tensors lives: without this, reading a whole
+    checkpoint would hold the file and the copies at once. The mapping is private and never
+    written, so a page read again comes back from the file unchanged. Only for views of a file:
+    on anonymous memory MADV_DONTNEED would zero the pages.
+    """
+    if sys.platform != "linux" or view.device.type != "cpu" or not view.is_contiguous():
+        return
+    start = view.data_ptr()
+    end = start + view.numel() * view.element_size()
+    # Only the pages that lie wholly inside this tensor.
+    first_page = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    end_page = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if end_page > first_page:
+        _madvise()(first_page, end_page - first_page, mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int]:
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
 
 
 def check_architecture(cfg: ModelConfig, ckpt_dir: Path) -> None:

@@ -22,6 +22,12 @@ from finetune.errors import ConfigError
 ASSETS_DIR = Path(__file__).parent / "assets"
 
 
+def config_dir() -> Path:
+    """`conf/` inside an installed wheel, else the repository's `conf/` (editable installs)."""
+    packaged = Path(__file__).parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+
+
 def option(default: Any = None, doc: str = "", *, factory: Any = None) -> Any:
     """A dataclass field whose one-line help (`doc`) shows in `--help`."""
     if factory is not None:
@@ -90,25 +96,39 @@ DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 class ColumnMap:
     """The record field that holds each part, e.g. `dataset.column_map.instruction=prompt`."""
 
-    instruction: str = option("instruction", "field holding the instruction")
-    input: str = option("input", "field holding the optional input (context)")
-    output: str = option("output", "field holding the response to train on")
+    instruction: str = option("instruction", "alpaca: field holding the instruction")
+    input: str = option("input", "alpaca: field holding the optional input (context)")
+    output: str = option("output", "alpaca: field holding the response to train on")
+    messages: str = option(
+        "messages", "chat: field holding the messages; if absent, ShareGPT's `conversations`"
+    )
 
 
 @dataclass
 class DatasetConfig:
-    """A local instruction dataset."""
+    """A local instruction dataset: Alpaca records, or chat conversations."""
 
     path: str = option("", "a .json (a list of records), .jsonl, .csv or .parquet file")
-    format: str = option("alpaca", f"record layout: {', '.join(DATASET_FORMATS)}")
+    format: str = option(
+        "alpaca", "alpaca: instruction/input/output records; chat: conversations (Llama-2 chat)"
+    )
     column_map: ColumnMap = option(doc="which record field holds each part", factory=ColumnMap)
-    train_on_input: bool = option(False, "also compute the loss on the prompt tokens")
+    train_on_input: bool = option(
+        False, "also compute the loss on the prompt (alpaca) or the user turns (chat)"
+    )
 
     def __post_init__(self) -> None:
         if self.format not in DATASET_FORMATS:
             raise ConfigError(
                 "dataset.format",
                 f"unknown format {self.format!r}; expected one of: " + ", ".join(DATASET_FORMATS),
+            )
+        # A CSV cell holds text, not a list of messages.
+        if self.format == "chat" and Path(self.path).suffix == ".csv":
+            raise ConfigError(
+                "dataset.path",
+                f"a CSV file holds Alpaca records only, not chat conversations: {self.path}; "
+                "use a .json, .jsonl or .parquet file for dataset.format=chat",
             )
 
 
@@ -132,6 +152,9 @@ class FullFinetuneParams:
     epochs: int = option(1, "passes over the dataset")
     max_steps: int = option(0, "stop after this many optimizer steps; 0 means no limit")
     max_seq_len: int = option(512, "truncate longer sequences to this many tokens")
+    pad_to_multiple_of: int = option(
+        1, "round each batch's length up to a multiple of this (64 helps bf16 on the CPU)"
+    )
     dtype: DType = option(DType.fp32, "fp32, or bf16 autocast over fp32 master weights")
     seed: int = option(0, "seeds weights, shuffling and everything random")
     device: Device = option(Device.auto, "auto picks cuda when present, else cpu")
@@ -157,6 +180,12 @@ class FullFinetuneParams:
         _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
         _require(self.max_steps >= 0, "max_steps", "must be >= 0", self.max_steps)
         _require(self.max_seq_len >= 2, "max_seq_len", "must be >= 2", self.max_seq_len)
+        _require(
+            self.pad_to_multiple_of >= 1,
+            "pad_to_multiple_of",
+            "must be >= 1",
+            self.pad_to_multiple_of,
+        )
         _require(
             self.max_seq_len <= self.model.context_length,
             "max_seq_len",
@@ -217,8 +246,64 @@ def _require_file(path: str, key: str, suffixes: tuple[str, ...]) -> None:
         raise ConfigError(key, f"expected a {kinds} file, got {path}")
 
 
+# Every linear layer of the Llama, by its Hugging Face module name (the last part of it).
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters: W x + (alpha / rank) * B A x, with W frozen."""
+
+    rank: int = option(8, "rank r of the adapters A (r x in) and B (out x r)")
+    alpha: float = option(16.0, "the update is scaled by alpha / rank")
+    dropout: float = option(0.05, "dropout on the adapters' input")
+    targets: list[str] = option(
+        doc=f"layers to adapt, any of: {', '.join(LORA_TARGETS)}",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
+    use_dora: bool = option(False, "DoRA: also learn each output row's magnitude")
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ConfigError("lora.targets", f"name at least one of {', '.join(LORA_TARGETS)}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ConfigError(
+                "lora.targets",
+                f"unknown {', '.join(map(repr, unknown))}; valid names: {', '.join(LORA_TARGETS)}",
+            )
+        _require(self.rank >= 1, "lora.rank", "must be >= 1", self.rank)
+        _require(self.alpha > 0, "lora.alpha", "must be > 0", self.alpha)
+        _require(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)", self.dropout)
+
+
+@dataclass
+class LoraFinetuneParams(FullFinetuneParams):
+    """LoRA fine-tuning: the base model is frozen; only low-rank adapters train."""
+
+    lora: LoraConfig = option(doc="the adapters", factory=LoraConfig)
+    # Adapters start at zero and are small: they want a larger step than full fine-tuning.
+    lr: float = option(3e-4, "peak learning rate, reached after the warmup")
+    adapter: str = option("", "an adapter directory (PEFT layout) to continue training from")
+    save_merged: bool = option(True, "also write model/: the base with the adapters merged in")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adapter:
+            _require_dir(self.adapter, "adapter")
+
+
 # Each recipe's root dataclass, by the name of its `conf/recipe/` option.
-RECIPE_PARAMS: dict[str, type] = {"full": FullFinetuneParams}
+RECIPE_PARAMS: dict[str, type] = {"full": FullFinetuneParams, "lora": LoraFinetuneParams}
 
 
 def register_schemas() -> None:
@@ -231,6 +316,13 @@ def register_schemas() -> None:
     if not OmegaConf.has_resolver("asset"):
         # `${asset:NAME}` is a file shipped with the package, e.g. the embedded tiny model.
         OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The architecture in `conf/model/<name>.yaml`, for scripts that run without Hydra."""
+    preset = OmegaConf.load(config_dir() / "model" / f"{name}.yaml")
+    fields = preset.get("model", preset)  # a `@package _global_` file nests it under `model:`
+    return ModelConfig(**{k: v for k, v in fields.items() if k != "defaults"})
 
 
 def build_params(cfg: DictConfig) -> Any:

@@ -1,12 +1,23 @@
-"""Instruction data: local Alpaca-format files -> token ids and loss labels -> padded batches."""
+"""Instruction data: local files -> token ids and loss labels -> padded batches.
+
+Two layouts (`dataset.format`):
+
+* alpaca: records of instruction, input and output, in Stanford Alpaca's prompt;
+* chat: conversations, OpenAI's `messages` of {role, content} or ShareGPT's `conversations` of
+  {from, value}, in Llama-2's chat format.
+
+Files: .json (a list of records), .jsonl, .csv (alpaca only; a header line names the columns) and
+.parquet (read by pyarrow, an optional dependency: `pip install 'finetune[parquet]'`).
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,17 +27,6 @@ from finetune.tokenizer import Tokenizer
 
 # Label of a position that contributes no loss (the prompt, padding); cross-entropy's convention.
 IGNORE_INDEX = -100
-
-# Stanford Alpaca's prompt, with and without an input.
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 
 @dataclass
@@ -46,37 +46,39 @@ class Batch:
         return int((self.targets != IGNORE_INDEX).sum())
 
 
-def read_records(path: Path, column_map: dict[str, str]) -> list[dict]:
-    """Rows of a .json list or a .jsonl file as {part: text}; `column_map` maps part -> field."""
-    records = []
-    for where, row in _json_rows(path):
-        record = {}
-        for name, source in column_map.items():
-            value = row.get(source)
-            if value is None and name == "input":
-                value = ""  # an absent or null input means "no input"
-            if value is None:
-                raise UserError(f"{where}: missing field {source!r}")
-            if not isinstance(value, str):
-                raise UserError(
-                    f"{where}: field {source!r} must be a string, got {type(value).__name__}"
-                )
-            record[name] = value
-        records.append(record)
-    if not records:
-        raise UserError(f"{path}: no records")
-    return records
+# --------------------------------------------------------------------------------------------
+# Rows of a file: (location for error messages, {field: value})
+# --------------------------------------------------------------------------------------------
+
+Rows = Iterator[tuple[str, dict]]
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """(location for error messages, row) for every row of a .json or .jsonl file."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    where = f"{path}:{number}"
-                    yield where, _checked_row(where, _parse_json(where, line))
-        return
+def read_rows(path: Path) -> Rows:
+    """Every row of a .json, .jsonl, .csv or .parquet file, with where it is for error messages.
+
+    The location is `path:LINE` for line-based files (a CSV's header is line 1) and `path[INDEX]`
+    (from 0) for a JSON list or a Parquet table.
+    """
+    readers: dict[str, Callable[[Path], Rows]] = {
+        ".json": _json_list_rows,
+        ".jsonl": _jsonl_rows,
+        ".csv": _csv_rows,
+        ".parquet": _parquet_rows,
+    }
+    if path.suffix not in readers:
+        raise UserError(f"{path}: expected a {', '.join(readers)} file")
+    return readers[path.suffix](path)
+
+
+def _jsonl_rows(path: Path) -> Rows:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                where = f"{path}:{number}"
+                yield where, _checked_row(where, _parse_json(where, line))
+
+
+def _json_list_rows(path: Path) -> Rows:
     rows = _parse_json(str(path), path.read_text(encoding="utf-8"))
     if not isinstance(rows, list):
         raise UserError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
@@ -95,6 +97,104 @@ def _parse_json(where: str, text: str) -> object:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: invalid JSON ({e})") from None
+
+
+def _csv_rows(path: Path) -> Rows:
+    """The rows of a CSV file under its header line; each located by the line it starts on."""
+    # utf-8-sig: spreadsheet programs often start a CSV file with a byte-order mark.
+    # newline="": the csv module handles line ends itself, also those inside quoted cells.
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        # strict: a stray quote is an error rather than a silently merged cell.
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, [])
+            _check_csv_header(path, header)
+            lines_read = reader.line_num
+            for cells in reader:
+                where = f"{path}:{lines_read + 1}"
+                lines_read = reader.line_num
+                if not cells:  # a blank line
+                    continue
+                if len(cells) != len(header):
+                    raise UserError(
+                        f"{where}: {len(cells)} cells, but the header has {len(header)}"
+                    )
+                yield where, dict(zip(header, cells, strict=True))
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num}: invalid CSV ({e})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _check_csv_header(path: Path, header: list[str]) -> None:
+    for name in header:
+        if header.count(name) > 1:
+            raise UserError(f"{path}:1: column {name!r} appears more than once in the header")
+
+
+def _parquet_rows(path: Path) -> Rows:
+    parquet, arrow_error = _import_parquet(path)
+    index = 0
+    try:
+        # Batch by batch, so that a large file is never all in memory as Python objects.
+        for batch in parquet.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                yield f"{path}[{index}]", row
+                index += 1
+    except (arrow_error, OSError) as e:
+        raise UserError(f"{path}: cannot read it as Parquet ({e})") from None
+
+
+def _import_parquet(path: Path) -> tuple[Any, type[Exception]]:
+    """pyarrow.parquet and pyarrow's error class; imported here, as only Parquet needs them."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError(
+            f"{path}: reading Parquet files needs pyarrow: pip install 'finetune[parquet]'"
+        ) from None
+    return pyarrow.parquet, pyarrow.ArrowException
+
+
+# --------------------------------------------------------------------------------------------
+# Alpaca
+# --------------------------------------------------------------------------------------------
+
+# Stanford Alpaca's prompt, with and without an input.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+# The parts of an Alpaca record, each read from the field that `dataset.column_map` names.
+ALPACA_PARTS = ("instruction", "input", "output")
+
+
+def read_records(path: Path, column_map: dict[str, str]) -> list[dict]:
+    """Alpaca records of a data file as {part: text}; `column_map` maps part -> field."""
+    records = []
+    for where, row in read_rows(path):
+        record = {}
+        for name, source in column_map.items():
+            value = row.get(source)
+            if value is None and name == "input":
+                value = ""  # an absent or null input means "no input"
+            if value is None:
+                raise UserError(f"{where}: missing field {source!r}")
+            if not isinstance(value, str):
+                raise UserError(
+                    f"{where}: field {source!r} must be a string, got {type(value).__name__}"
+                )
+            record[name] = value
+        records.append(record)
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
 
 
 def alpaca_prompt(instruction: str, input: str) -> str:
@@ -116,14 +216,183 @@ def tokenize_alpaca(
     return Example(tokens, labels)
 
 
+# --------------------------------------------------------------------------------------------
+# Chat
+# --------------------------------------------------------------------------------------------
+
+# The roles of a conversation, and ShareGPT's names for them.
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+# ShareGPT's field for the list of messages, read when a record lacks column_map.messages.
+SHAREGPT_FIELD = "conversations"
+
+# Llama-2's chat markers, as in Meta's reference code (llama/generation.py).
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+def read_conversations(path: Path, messages_field: str) -> list[list[Message]]:
+    """The conversations of a .json, .jsonl or .parquet file, each checked for its turn order."""
+    if path.suffix == ".csv":
+        raise UserError(f"{path}: a CSV file holds Alpaca records only, not chat conversations")
+    conversations = [_conversation(where, row, messages_field) for where, row in read_rows(path)]
+    if not conversations:
+        raise UserError(f"{path}: no records")
+    return conversations
+
+
+def _conversation(where: str, row: dict, messages_field: str) -> list[Message]:
+    field = messages_field
+    if field not in row and SHAREGPT_FIELD in row:
+        field = SHAREGPT_FIELD
+    raw = row.get(field)
+    if raw is None:
+        raise UserError(
+            f"{where}: missing field {messages_field!r} (or ShareGPT's 'conversations')"
+        )
+    if not isinstance(raw, list):
+        raise UserError(
+            f"{where}: field {field!r} must be a list of messages, got {type(raw).__name__}"
+        )
+    if not raw:
+        raise UserError(f"{where}: field {field!r} is an empty conversation")
+    messages = [_message(f"{where}: {field}[{i}]", message) for i, message in enumerate(raw)]
+    _check_turn_order(f"{where}: {field}", messages)
+    return messages
+
+
+def _message(where: str, raw: object) -> Message:
+    """An OpenAI {role, content} or ShareGPT {from, value} message, with the role's name ours."""
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"{where}: expected an object with a role and content, got {type(raw).__name__}"
+        )
+    if "role" in raw:
+        role_key, content_key, roles = "role", "content", {role: role for role in ROLES}
+    elif "from" in raw:
+        role_key, content_key, roles = "from", "value", SHAREGPT_ROLES
+    else:
+        raise UserError(f"{where}: missing field 'role' (or ShareGPT's 'from')")
+    role = raw[role_key]
+    if not isinstance(role, str) or role not in roles:
+        raise UserError(
+            f"{where}: unknown {role_key} {role!r}; expected one of: {', '.join(roles)}"
+        )
+    content = raw.get(content_key)
+    if content is None:
+        raise UserError(f"{where}: missing field {content_key!r}")
+    if not isinstance(content, str):
+        raise UserError(
+            f"{where}: field {content_key!r} must be a string, got {type(content).__name__}"
+        )
+    return Message(roles[role], content)
+
+
+def _check_turn_order(where: str, messages: list[Message]) -> None:
+    """An optional system message, then user and assistant in turn, at least one of each."""
+    first_turn = 1 if messages[0].role == "system" else 0
+    for index in range(first_turn, len(messages)):
+        expected = "user" if (index - first_turn) % 2 == 0 else "assistant"
+        if messages[index].role != expected:
+            raise UserError(
+                f"{where}[{index}]: expected a message from the {expected}, got one from the "
+                f"{messages[index].role}; after an optional system message, the user and the "
+                "assistant must take turns"
+            )
+    if len(messages) - first_turn < 2:
+        raise UserError(f"{where}: no assistant message to train on")
+
+
+def llama2_chat_turns(messages: list[Message]) -> list[tuple[str, str]]:
+    """(prompt, answer) of each user/assistant pair, in Llama-2's chat format.
+
+    Each turn's text is prompt + answer = "[INST] {user} [/INST] {assistant} "; the system prompt
+    goes inside the first user message. Every content is stripped, the system prompt's too. A last
+    user message without an answer is left out: it has nothing to train on.
+    """
+    contents = [m.content.strip() for m in messages]
+    if messages[0].role == "system":
+        contents = [f"{B_SYS}{contents[0]}{E_SYS}{contents[1]}", *contents[2:]]
+    # Not strict: a last user message has no assistant to pair with, and zip drops it.
+    pairs = zip(contents[0::2], contents[1::2], strict=False)
+    return [(f"{B_INST} {user} {E_INST}", f" {assistant} ") for user, assistant in pairs]
+
+
+def tokenize_chat(
+    messages: list[Message], tokenizer: Tokenizer, max_seq_len: int, train_on_input: bool
+) -> Example:
+    """BOS + turn + EOS for each Llama-2 chat turn, trained on the answers and their EOS only.
+
+    With `train_on_input`, every token is trained on, the prompts' too.
+    """
+    tokens: list[int] = []
+    labels: list[int] = []
+    for prompt, answer in llama2_chat_turns(messages):
+        # The whole turn is encoded at once, as Meta's code does. The prompt's tokens are the
+        # first ones of the turn: Llama's tokenizers start a token at each space, so none spans
+        # "[/INST]" and the answer's leading space (were one to, it would count as the answer's).
+        turn_ids = tokenizer.encode(prompt + answer)
+        n_prompt = _common_prefix_length(tokenizer.encode(prompt), turn_ids)
+        turn = [tokenizer.bos_id, *turn_ids, tokenizer.eos_id]
+        n_masked = 0 if train_on_input else 1 + n_prompt  # the BOS and the prompt
+        tokens += turn
+        labels += [IGNORE_INDEX] * n_masked + turn[n_masked:]
+        if len(tokens) >= max_seq_len:  # later turns would be cut off anyway
+            break
+    return Example(tokens[:max_seq_len], labels[:max_seq_len])
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a dataset
+# --------------------------------------------------------------------------------------------
+
+
 def load_dataset(cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int) -> list[Example]:
-    records = read_records(Path(cfg.path), dataclasses.asdict(cfg.column_map))
+    """Read `cfg.path` and tokenize every record in the layout `cfg.format` names."""
+    return LOADERS[cfg.format](cfg, tokenizer, max_seq_len)
+
+
+def _load_alpaca(cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int) -> list[Example]:
+    columns = {part: getattr(cfg.column_map, part) for part in ALPACA_PARTS}
+    records = read_records(Path(cfg.path), columns)
     return [tokenize_alpaca(r, tokenizer, max_seq_len, cfg.train_on_input) for r in records]
 
 
-def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-pad to the longest sequence; each position's target is the next token's label."""
-    length = max(len(e.tokens) for e in examples) - 1
+def _load_chat(cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int) -> list[Example]:
+    conversations = read_conversations(Path(cfg.path), cfg.column_map.messages)
+    return [tokenize_chat(c, tokenizer, max_seq_len, cfg.train_on_input) for c in conversations]
+
+
+# How each `dataset.format` is read and tokenized.
+LOADERS: dict[str, Callable[[DatasetConfig, Tokenizer, int], list[Example]]] = {
+    "alpaca": _load_alpaca,
+    "chat": _load_chat,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> Batch:
+    """Right-pad to the longest sequence, its length rounded up to `pad_to_multiple_of`; each
+    position's target is the next token's label."""
+    longest = max(len(e.tokens) for e in examples) - 1
+    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     inputs = torch.full((len(examples), length), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
@@ -142,7 +411,12 @@ def epoch_order(n_examples: int, shuffle: bool, seed: int, epoch: int) -> list[i
 
 
 def batches(
-    examples: list[Example], batch_size: int, pad_id: int, order: list[int]
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    order: list[int],
+    pad_to_multiple_of: int = 1,
 ) -> Iterator[Batch]:
     for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        yield collate(chunk, pad_id, pad_to_multiple_of)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Iterator
@@ -11,16 +12,71 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from finetune.config import Device, DType, FullFinetuneParams
-from finetune.data import IGNORE_INDEX, Batch, Example, batches, epoch_order
+from finetune.checkpoint import save_hf
+from finetune.config import Device, DType, FullFinetuneParams, OutputFormat
+from finetune.data import IGNORE_INDEX, Batch, Example, batches, epoch_order, load_dataset
 from finetune.errors import UserError
+from finetune.lora import output_weight
+from finetune.meta_format import save_meta
 from finetune.metrics import MetricsLog
-from finetune.model import Llama
+from finetune.model import Llama, count_parameters
+from finetune.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # Logits held at once by the chunked loss: 2**25 fp32 values are 128 MiB (4096 tokens at 8k vocab,
 # 1048 tokens at Llama-2's 32k).
 LOGITS_PER_CHUNK = 2**25
+
+
+def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
+    """What every recipe does first: write params.yaml, seed, pick the device, tokenize the data."""
+    out_dir = Path(params.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    tokenizer = Tokenizer(Path(params.tokenizer))
+    tokenizer.check_vocab(params.model.vocab_size)
+    examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
+    return device, tokenizer, examples
+
+
+def log_model(model: Llama, params: FullFinetuneParams, n_examples: int) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(
+        "%s: %.1fM parameters (%.2fM trainable) on %s, %s; %d examples from %s",
+        params.checkpoint,
+        count_parameters(model) / 1e6,
+        trainable / 1e6,
+        next(model.parameters()).device,
+        params.dtype.value,
+        n_examples,
+        params.dataset.path,
+    )
+
+
+def save_model(
+    model: Llama, params: FullFinetuneParams, tokenizer: Tokenizer, out_dir: Path
+) -> None:
+    """The model in Hugging Face format (and Meta's with output_format=meta), in the run's dtype."""
+    dtype = torch.bfloat16 if params.dtype is DType.bf16 else torch.float32
+    save_hf(
+        model,
+        out_dir,
+        tokenizer=tokenizer.path,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        dtype=dtype,
+        max_shard_bytes=params.max_shard_size_mb * 1_000_000,
+    )
+    log.info("model saved to %s", out_dir)
+    if params.output_format is OutputFormat.meta:
+        meta_dir = out_dir.with_name(out_dir.name + "_meta")
+        save_meta(model, meta_dir, tokenizer.path, dtype)
+        log.info("Meta format copy saved to %s", meta_dir)
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -158,7 +214,7 @@ def optimizer_steps(
     for epoch in range(params.epochs):
         order = epoch_order(len(examples), params.shuffle, params.seed, epoch)
         group: list[Batch] = []
-        for batch in batches(examples, params.batch_size, pad_id, order):
+        for batch in batches(examples, params.batch_size, pad_id, order, params.pad_to_multiple_of):
             group.append(batch)
             if len(group) == params.gradient_accumulation_steps:
                 yield epoch, group
@@ -189,7 +245,7 @@ def train_step(
         targets = batch.targets.to(device, non_blocking=True)
         with autocast(device, params.dtype):
             hidden = model.hidden_states(inputs)
-            loss = chunked_cross_entropy(hidden, model.lm_head.weight, targets)
+            loss = chunked_cross_entropy(hidden, output_weight(model), targets)
         (loss / n_targets).backward()
         loss_sum += loss.detach()
     trainable = [p for p in model.parameters() if p.requires_grad]

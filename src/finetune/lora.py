@@ -1,0 +1,327 @@
+"""LoRA and DoRA adapters on the Llama's linear layers, saved in PEFT's adapter format.
+
+LoRA (Hu et al., 2021) trains a low-rank update beside each frozen weight: y = W x + s·B A x with
+A (rank, in), B (out, rank) and s = alpha / rank. DoRA (Liu et al., 2024) also trains a magnitude
+m per output row and rescales each row of W + s·B A to it. Only the adapter tensors train.
+
+`save_adapter` writes the directory `peft.PeftModel.from_pretrained` loads onto the
+Hugging Face base model (`adapter_config.json` + `adapter_model.safetensors`), and our forward
+computes what PEFT's does, so an adapter trained here gives the same logits there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from finetune.checkpoint import hf_key
+from finetune.config import LoraConfig
+from finetune.errors import UserError
+from finetune.model import Llama
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's prefix: its PeftModel holds the task model as `base_model.model`.
+PEFT_PREFIX = "base_model.model."
+# PEFT saves lm_head's base weight beside an lm_head adapter (in case the vocabulary was resized);
+# ours is the checkpoint's, so we neither write nor read it.
+PEFT_LM_HEAD_BASE_WEIGHT = f"{PEFT_PREFIX}lm_head.base_layer.weight"
+# What PEFT assumes when adapter_config.json leaves a key out.
+PEFT_DEFAULTS = {"use_dora": False, "use_rslora": False}
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` (`base`) plus a trainable low-rank update, optionally DoRA.
+
+    The adapter tensors are always fp32, whatever the base's dtype: they are what the optimizer
+    updates, and bf16 would round most fine-tuning steps away (see `training.autocast`). A bf16
+    base is fine because it never changes.
+    """
+
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float, use_dora: bool
+    ) -> None:
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError("LoRALinear supports bias-free linear layers only (as in Llama)")
+        base.weight.requires_grad_(False)
+        self.base = base
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.use_dora = use_dora
+        self.dropout = nn.Dropout(dropout)
+        device = base.weight.device
+        self.lora_A = nn.Linear(
+            base.in_features, rank, bias=False, device=device, dtype=torch.float32
+        )
+        self.lora_B = nn.Linear(
+            rank, base.out_features, bias=False, device=device, dtype=torch.float32
+        )
+        # PEFT's default: A Kaiming-uniform as nn.Linear initialises itself, B zero, so a fresh
+        # adapter changes nothing.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if use_dora:
+            # m starts at ‖W + s·B A‖ = ‖W‖ per output row, so a fresh DoRA adapter is the identity.
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = self.base(x)
+        drops = self.training and self.dropout.p > 0
+        dropped = self.dropout(x) if drops else x
+        lora_out = self.lora_B(self.lora_A(self._adapter_input(dropped))) * self.scaling
+        if not self.use_dora:
+            return (base_out + lora_out).to(base_out.dtype)
+        # DoRA as PEFT computes it: y = W x + (m/‖W + s·BA‖ - 1)·W x' + m/‖W + s·BA‖·s·BA x', where
+        # x' is the dropped-out input. Without dropout this is (m/‖·‖)·(W + s·BA) x, the merged
+        # weight's output. The norm is a constant to autograd (DoRA paper, section 4.3), which
+        # saves differentiating through it; m still gets its gradient through the division.
+        scale = self.lora_magnitude_vector / self.weight_norm()  # (out,)
+        base_on_dropped = self.base(dropped) if drops else base_out
+        dora_out = base_out + (scale - 1) * base_on_dropped + scale * lora_out
+        return dora_out.to(base_out.dtype)
+
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Under autocast the matmuls cast their inputs themselves; without it a bf16 activation
+        must become fp32 to meet the fp32 adapter weights."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(self.lora_A.weight.dtype)
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W + s·B A‖ of every output row, (out,) fp32, outside autograd.
+
+        Computed in fp32 whatever the base dtype or autocast: a bf16 norm would be off by up to
+        0.4 %, and the norm divides the magnitude.
+        """
+        device_type = self.base.weight.device.type
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            return torch.linalg.vector_norm(self.merged_weight(torch.float32), dim=1)
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W + s·B A, (out, in), differentiable in A and B; not DoRA-rescaled."""
+        w, b, a = self.base.weight, self.lora_B.weight, self.lora_A.weight
+        if dtype is not None:
+            w, b, a = w.to(dtype), b.to(dtype), a.to(dtype)
+        return w + self.scaling * (b @ a)
+
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) weight this layer applies when dropout is off: W + s·B A, or for DoRA
+        m/‖W + s·B A‖ · (W + s·B A) per row. Differentiable in the adapter tensors.
+
+        Without `dtype` it follows the surrounding autocast (a bf16 base under bf16 autocast gives
+        a bf16 weight, no fp32 copy of the base); `merge` asks for fp32.
+        """
+        weight = self.merged_weight(dtype)
+        if not self.use_dora:
+            return weight
+        scale = self.lora_magnitude_vector / self.weight_norm()
+        return weight * scale.to(weight.dtype)[:, None]
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors under their names inside this module (PEFT's names)."""
+        params = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        if self.use_dora:
+            params["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return params
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, use_dora={self.use_dora}"
+
+
+def apply_lora(model: Llama, cfg: LoraConfig) -> None:
+    """Wrap every linear layer named in `cfg.targets` (e.g. every layer's `q_proj`) in a
+    `LoRALinear`, in place, and freeze everything but the adapters."""
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA adapters")
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in cfg.targets:
+            parent_name, _, child_name = name.rpartition(".")
+            wrapped = LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_dora)
+            setattr(model.get_submodule(parent_name), child_name, wrapped)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear of `model` by its module name (ours, e.g. `layers.0.self_attn.q_proj`)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def output_weight(model: Llama) -> torch.Tensor:
+    """The output layer's weight for `training.chunked_cross_entropy`.
+
+    The chunked loss multiplies the hidden states by the output weight itself instead of calling
+    `model.lm_head`, so a LoRA on `lm_head` would be bypassed (and never trained) if the loss read
+    the base weight. This returns the effective weight W + s·B A (DoRA: rescaled per row),
+    built differentiably each call, so the loss is that of the adapted model and its weight
+    gradient flows on to A, B and m. Costs one (vocab, dim) tensor per call.
+
+    The one difference from `model(tokens)`: this path cannot apply LoRA dropout to the hidden
+    states (dropout is per token, a weight is shared by all), so lm_head's adapter trains without
+    dropout. With `lora.dropout=0` the two are identical.
+    """
+    if isinstance(model.lm_head, LoRALinear):
+        return model.lm_head.effective_weight()
+    return model.lm_head.weight
+
+
+@torch.no_grad()
+def merge_lora(model: Llama) -> None:
+    """Fold every adapter into its base weight and put the plain `nn.Linear` back, so that the
+    model's state dict is a normal Llama's (for `save_hf`). Merged in fp32, cast back to the
+    base's dtype."""
+    for name, module in lora_modules(model).items():
+        base = module.base
+        with torch.autocast(base.weight.device.type, enabled=False):
+            merged = module.effective_weight(torch.float32)
+        base.weight.copy_(merged.to(base.weight.dtype))
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, base)
+
+
+def peft_module_name(name: str) -> str:
+    """Our module name -> the module name in PEFT's adapter file.
+
+    `hf_key` maps weight names (`lm_head.weight` is the one without the `model.` prefix), so ask
+    it about the module's weight and drop the suffix again.
+    """
+    return PEFT_PREFIX + hf_key(f"{name}.weight").removesuffix(".weight")
+
+
+def adapter_state_dict(model: Llama) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names, e.g.
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    return {
+        f"{peft_module_name(name)}.{key}": tensor
+        for name, module in lora_modules(model).items()
+        for key, tensor in module.adapter_parameters().items()
+    }
+
+
+def adapter_targets(model: Llama) -> list[str]:
+    """The target names (`q_proj`, `lm_head`, ...) that `model`'s adapters sit on, sorted."""
+    return sorted({name.rpartition(".")[2] for name in lora_modules(model)})
+
+
+def peft_adapter_config(base_model_name_or_path: str, cfg: LoraConfig) -> dict:
+    """The adapter_config.json peft 0.21 loads; PEFT's defaults for the rest are what we do."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(set(cfg.targets)),
+        "use_dora": cfg.use_dora,
+        "bias": "none",
+        # Stated rather than left to PEFT's defaults, because each changes what the tensors mean:
+        # s = alpha / r (not alpha / sqrt(r)), weights stored (out, in), no trained biases.
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(
+    model: Llama, out_dir: Path, base_model_name_or_path: str, cfg: LoraConfig
+) -> None:
+    """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does, the adapter
+    tensors only (PEFT takes lm_head's base weight from the base model when the file lacks it)."""
+    _check_model_has(model, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: t.detach().cpu().contiguous() for k, t in adapter_state_dict(model).items()}
+    save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    config = peft_adapter_config(base_model_name_or_path, cfg)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _check_model_has(model: Llama, cfg: LoraConfig) -> None:
+    """The settings written to adapter_config.json must describe the tensors written beside it."""
+    settings = {"rank": cfg.rank, "alpha": cfg.alpha, "use_dora": cfg.use_dora}
+    for name, module in lora_modules(model).items():
+        for setting, value in settings.items():
+            if getattr(module, setting) != value:
+                raise ValueError(f"{setting}={value!r} but {name} has {getattr(module, setting)!r}")
+    if adapter_targets(model) != sorted(set(cfg.targets)):
+        raise ValueError(
+            f"targets={cfg.targets!r} but the adapters are on {adapter_targets(model)}"
+        )
+
+
+def load_adapter(model: Llama, adapter_dir: Path) -> None:
+    """Read an adapter directory (ours or PEFT's) into a model `apply_lora` prepared with the
+    same targets, rank, alpha and DoRA setting; anything else is a `UserError` naming the file
+    and key. Dropout may differ: it does not change the tensors."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("apply_lora the model before loading an adapter into it")
+    _check_adapter_config(adapter_dir / ADAPTER_CONFIG, next(iter(modules.values())), model)
+    expected = adapter_state_dict(model)
+    tensors = _read_adapter_tensors(adapter_dir / ADAPTER_WEIGHTS, expected)
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])
+
+
+def _check_adapter_config(path: Path, module: LoRALinear, model: Llama) -> None:
+    if not path.is_file():
+        raise UserError(f"{path}: not found (expected a PEFT LoRA adapter directory)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    expected = {
+        "peft_type": "LORA",
+        "r": module.rank,
+        "lora_alpha": module.alpha,
+        "use_dora": module.use_dora,
+        "target_modules": adapter_targets(model),
+        # rsLoRA scales by alpha / sqrt(r): the same tensors would mean a different update.
+        "use_rslora": False,
+    }
+    for key, want in expected.items():
+        found = config.get(key, PEFT_DEFAULTS.get(key))
+        if key == "target_modules" and isinstance(found, list):
+            found = sorted(set(found))
+        if found != want:
+            raise UserError(
+                f"{path}: {key} is {found!r} but this run's adapter has {want!r}; "
+                "set lora.* to the adapter's settings"
+            )
+
+
+def _read_adapter_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: not found")
+    tensors = {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key == PEFT_LM_HEAD_BASE_WEIGHT:
+                    continue
+                if key not in expected:
+                    raise UserError(f"{path}: unexpected key {key!r} for this run's adapters")
+                tensor = f.get_tensor(key)
+                if tensor.shape != expected[key].shape:
+                    raise UserError(
+                        f"{path}: {key} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(expected[key].shape)}"
+                    )
+                tensors[key] = tensor
+    except SafetensorError as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise UserError(f"{path}: missing {len(missing)} adapter tensors, e.g. {missing[0]!r}")
+    return tensors
