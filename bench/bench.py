@@ -1,18 +1,19 @@
-"""Benchmark the full fine-tuning recipe on a fixed workload, the way a user runs it.
+"""Benchmark the fine-tuning recipes on a fixed workload, the way a user runs them.
 
-    python bench/bench.py                       # tiny and medium models, fp32 and bf16
-    python bench/bench.py --models medium --dtypes bf16 --steps 8
+    python bench/bench.py           # tiny and medium models, fp32 and bf16, full and lora recipes
+    python bench/bench.py --models medium --dtypes bf16 --recipes lora --steps 8
 
 Each configuration is one `python -m finetune` process. From the times at which its progress
 lines arrive the script derives:
   start-up       launch -> the first optimizer step done (imports, loading, data, first step)
   step           median time of the steady-state steps (the first two are left out)
   tokens/s       padded tokens per second in the steady state (every sequence is max_seq_len)
-  GFLOP/s        model FLOPs per second (6 x matmul parameters + attention, per token), and as a
-                 share of this machine's measured `torch.mm` rate in the same dtype
+  GFLOP/s        model FLOPs per second (see `flops_per_token`), and as a share of this machine's
+                 measured `torch.mm` rate in the same dtype
   peak RSS       the process's maximum resident memory
 Workloads: `tiny` is the shipped model; `medium` is a random 6-layer, 512-wide model with a
 32,000-token vocabulary (Llama-2's), so that the output layer weighs as it does at 7B.
+`lora` runs with the config's default adapters (`LoraConfig`: rank 8 on q/k/v/o_proj).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoint import save_hf
-from finetune.config import ASSETS_DIR, ModelConfig, model_preset
+from finetune.config import ASSETS_DIR, LoraConfig, ModelConfig, model_preset
+from finetune.lora import apply_lora
 from finetune.model import Llama
 
 TINY_DIR = ASSETS_DIR / "tiny"
@@ -129,12 +131,27 @@ def run_recipe(overrides: list[str], steps: int, run_dir: Path) -> Result:
     )
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per matmul weight (forward + two backward) plus attention."""
-    matmul_params = sum(p.numel() for n, p in meta_model(cfg).named_parameters() if p.ndim == 2)
-    matmul_params -= cfg.vocab_size * cfg.dim  # the embedding is a lookup, not a matmul
+def flops_per_token(cfg: ModelConfig, seq_len: int, recipe: str) -> float:
+    """Training FLOPs per token, attention included.
+
+    A trained matmul weight costs 6 (forward, and the input and weight gradients in backward); a
+    frozen one 4, since its weight gradient is never computed. So full fine-tuning is 6 per
+    weight, and LoRA 4 per base weight plus 6 per adapter weight (slightly high: nothing needs
+    the input gradient of the first layer's frozen projections).
+    """
+    model = meta_model(cfg)
+    if recipe == "lora":
+        apply_lora(model, LoraConfig())
+    trained = frozen = 0
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or name == "embed_tokens.weight":  # norms; the embedding is a lookup
+            continue
+        if p.requires_grad:
+            trained += p.numel()
+        else:
+            frozen += p.numel()
     attention = 12 * cfg.n_layers * cfg.dim * seq_len
-    return 6 * matmul_params + attention
+    return 6 * trained + 4 * frozen + attention
 
 
 def meta_model(cfg: ModelConfig) -> Llama:
@@ -160,16 +177,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,medium")
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--recipes", default="full,lora", help="full, lora, or both")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
+    unknown = set(args.recipes.split(",")) - {"full", "lora"}
+    if unknown:
+        parser.error(f"--recipes: unknown {', '.join(sorted(unknown))}; expected full and/or lora")
 
     mm = {"fp32": mm_gflops(torch.float32), "bf16": mm_gflops(torch.bfloat16)}
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; torch.mm 2048^3: "
         f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s"
     )
-    print(f"workload: batch {BATCH_SIZE} x {SEQ_LEN} tokens, {args.steps} steps, full fine-tuning")
-    header = f"{'model':<8}{'dtype':<6}{'start-up s':>11}{'step s':>9}{'tokens/s':>10}"
+    lora = LoraConfig()
+    print(
+        f"workload: batch {BATCH_SIZE} x {SEQ_LEN} tokens, {args.steps} steps; "
+        f"lora: rank {lora.rank} on {','.join(lora.targets)}"
+    )
+    header = f"{'model':<8}{'recipe':<7}{'dtype':<6}{'start-up s':>11}{'step s':>9}{'tokens/s':>10}"
     print(header + f"{'GFLOP/s':>9}{'of mm':>7}{'peak RSS MB':>13}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -180,18 +205,19 @@ def main() -> None:
         for name in args.models.split(","):
             cfg, ckpt = checkpoints[name]
             model_args = [f"model.{f}={getattr(cfg, f)}" for f in cfg.__dataclass_fields__]
-            for dtype in args.dtypes.split(","):
+            for recipe, dtype in itertools.product(args.recipes.split(","), args.dtypes.split(",")):
                 overrides = [
+                    f"recipe={recipe}",
                     *model_args,
                     f"checkpoint={ckpt}",
                     f"dataset.path={data}",
                     f"dtype={dtype}",
                 ]
-                r = run_recipe(overrides, args.steps, work / f"{name}-{dtype}")
+                r = run_recipe(overrides, args.steps, work / f"{name}-{recipe}-{dtype}")
                 tokens = BATCH_SIZE * (SEQ_LEN - 1)
-                gflops = flops_per_token(cfg, SEQ_LEN - 1) * tokens / r.step_s / 1e9
+                gflops = flops_per_token(cfg, SEQ_LEN - 1, recipe) * tokens / r.step_s / 1e9
                 print(
-                    f"{name:<8}{dtype:<6}{r.startup_s:>11.2f}{r.step_s:>9.3f}"
+                    f"{name:<8}{recipe:<7}{dtype:<6}{r.startup_s:>11.2f}{r.step_s:>9.3f}"
                     f"{tokens / r.step_s:>10.0f}{gflops:>9.1f}{gflops / mm[dtype]:>7.0%}"
                     f"{r.peak_rss_mb:>13.0f}"
                 )

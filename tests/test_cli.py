@@ -18,6 +18,10 @@ SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
 def bad_input_cases(small_checkpoint: Path, tmp: Path) -> list[tuple[list[str], str]]:
     malformed = write_jsonl(tmp / "malformed.jsonl", [{"instruction": "a", "output": "b"}, {}])
     ckpt = f"checkpoint={small_checkpoint}"
+    # The config is read before the tensors, so a rank-4 adapter needs no weights to be rejected.
+    rank4_adapter = tmp / "rank4_adapter"
+    rank4_adapter.mkdir(exist_ok=True)
+    (rank4_adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     return [
         (["lr=abc"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
         (["lr=-1"], "lr: must be > 0, got -1.0"),
@@ -42,6 +46,24 @@ def bad_input_cases(small_checkpoint: Path, tmp: Path) -> list[tuple[list[str], 
             "tokenizer has 4096 tokens but the model's embedding has 1000",
         ),
         ([ckpt], "hidden_size=64 but model.dim=256"),
+        (["recipe=lora", "lora.rank=0"], "lora.rank: must be >= 1, got 0"),
+        (
+            ["recipe=lora", "lora.targets=[q_proj,nope]"],
+            "lora.targets: unknown 'nope'; valid names: q_proj, k_proj",
+        ),
+        (["recipe=lora", "lora.dropout=1.5"], "lora.dropout: must be in [0, 1), got 1.5"),
+        (["recipe=lora", "lora.alpha=0"], "lora.alpha: must be > 0, got 0.0"),
+        (
+            ["recipe=lora", "lora.rank=abc"],
+            "lora.rank: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        (["recipe=lora", "adapter=/no/such/dir"], "adapter: directory not found: /no/such/dir"),
+        (
+            ["recipe=lora", f"adapter={rank4_adapter}", ckpt, *SMALL],
+            f"{rank4_adapter}/adapter_config.json: r is 4 but this run's adapter has 8",
+        ),
+        (["recipe=full", "lora.rank=8"], "lora: Key 'lora' not in 'FullFinetuneParams'"),
+        (["recipe=nosuch"], "recipe=nosuch: no such option; available: full, lora"),
     ]
 
 
@@ -75,7 +97,9 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
     assert "peak learning rate" in out and "fp32|bf16" in out
 
 
-@pytest.mark.parametrize("flags", [["--help"], ["--cfg", "job"], ["--info"]])
+@pytest.mark.parametrize(
+    "flags", [["--help"], ["--cfg", "job"], ["--info"], ["--cfg", "job", "recipe=lora"]]
+)
 def test_cli_answers_without_importing_torch(flags: list[str], tmp_path: Path) -> None:
     code = (
         "import sys; from finetune.__main__ import main; "

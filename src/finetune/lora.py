@@ -7,15 +7,23 @@ m per output row and rescales each row of W + s·B A to it. Only the adapter ten
 `save_adapter` writes the directory `peft.PeftModel.from_pretrained` loads onto the
 Hugging Face base model (`adapter_config.json` + `adapter_model.safetensors`), and our forward
 computes what PEFT's does, so an adapter trained here gives the same logits there.
+
+QLoRA (Dettmers et al., 2023; `lora.quantize_base`) keeps the frozen linear weights of the
+transformer blocks in 4-bit NormalFloat (torchao's `NF4Tensor`) and dequantizes one layer at a time
+in the forward and backward passes; the adapters are unchanged, so the adapter files are the same.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -34,10 +42,77 @@ PEFT_PREFIX = "base_model.model."
 PEFT_LM_HEAD_BASE_WEIGHT = f"{PEFT_PREFIX}lm_head.base_layer.weight"
 # What PEFT assumes when adapter_config.json leaves a key out.
 PEFT_DEFAULTS = {"use_dora": False, "use_rslora": False}
+# torchao's NF4 defaults, the QLoRA paper's: one absmax scale per 64 weights, and those scales
+# quantized again to int8 in groups of 256 ("double quantization"): ~4.13 bits per weight.
+NF4_BLOCK_SIZE = 64
+NF4_SCALER_BLOCK_SIZE = 256
+QLORA_EXTRA = "pip install 'finetune[qlora]'"
+
+
+class NF4Linear(nn.Module):
+    """A frozen, bias-free linear layer whose weight is an `NF4Tensor` (QLoRA's 4-bit base).
+
+    `weight` keeps the shape and dtype of the dense weight it replaced; dequantizing gives that
+    dtype back. Only one layer's dense weight exists at a time: the forward dequantizes it for its
+    matmul and drops it, and the backward dequantizes it again (see `_NF4Matmul`).
+    """
+
+    bias = None  # as nn.Linear's, for code that checks it
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The dtype nn.Linear would compute in: autocast's, else the input's.
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = x.dtype
+        return _NF4Matmul.apply(x.to(dtype), self.weight)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight, in the original dtype unless `dtype` is given."""
+        weight = self.weight.get_original_weight()
+        return weight if dtype is None else weight.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, NF4"
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ dequantize(W).T with W kept in NF4 for the backward pass.
+
+    F.linear on the dequantized weight would save that dense copy for backward, so by the end of
+    the forward pass every layer's would be alive at once, undoing the 4-bit saving. This saves the
+    NF4 weight instead and dequantizes it again in backward: one more dequantization per layer.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,  # (..., in), already in the compute dtype
+        weight: torch.Tensor,  # NF4 (out, in)
+    ) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.get_original_weight().to(x.dtype))
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (weight,) = ctx.saved_tensors
+        # The base is frozen: only the input's gradient, (..., out) @ (out, in).
+        return grad_out @ weight.get_original_weight().to(grad_out.dtype), None
 
 
 class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` (`base`) plus a trainable low-rank update, optionally DoRA.
+    """A frozen `nn.Linear` or `NF4Linear` (`base`) plus a trainable low-rank update, optionally
+    DoRA.
 
     The adapter tensors are always fp32, whatever the base's dtype: they are what the optimizer
     updates, and bf16 would round most fine-tuning steps away (see `training.autocast`). A bf16
@@ -45,7 +120,12 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Linear, rank: int, alpha: float, dropout: float, use_dora: bool
+        self,
+        base: nn.Linear | NF4Linear,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        use_dora: bool,
     ) -> None:
         super().__init__()
         if base.bias is not None:
@@ -105,11 +185,18 @@ class LoRALinear(nn.Module):
         with torch.no_grad(), torch.autocast(device_type, enabled=False):
             return torch.linalg.vector_norm(self.merged_weight(torch.float32), dim=1)
 
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The frozen W as a dense (out, in) tensor (an NF4 base dequantized), cast to `dtype`."""
+        if isinstance(self.base, NF4Linear):
+            return self.base.dequantized(dtype)
+        weight = self.base.weight
+        return weight if dtype is None else weight.to(dtype)
+
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W + s·B A, (out, in), differentiable in A and B; not DoRA-rescaled."""
-        w, b, a = self.base.weight, self.lora_B.weight, self.lora_A.weight
+        w, b, a = self.base_weight(dtype), self.lora_B.weight, self.lora_A.weight
         if dtype is not None:
-            w, b, a = w.to(dtype), b.to(dtype), a.to(dtype)
+            b, a = b.to(dtype), a.to(dtype)
         return w + self.scaling * (b @ a)
 
     def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -138,15 +225,76 @@ class LoRALinear(nn.Module):
 
 def apply_lora(model: Llama, cfg: LoraConfig) -> None:
     """Wrap every linear layer named in `cfg.targets` (e.g. every layer's `q_proj`) in a
-    `LoRALinear`, in place, and freeze everything but the adapters."""
+    `LoRALinear`, in place, and freeze everything but the adapters; with `cfg.quantize_base`,
+    quantize the blocks' linear layers to NF4 first."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters")
     model.requires_grad_(False)
+    if cfg.quantize_base:
+        quantize_base_weights(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in cfg.targets:
-            parent_name, _, child_name = name.rpartition(".")
+        if isinstance(module, (nn.Linear, NF4Linear)) and name.rpartition(".")[2] in cfg.targets:
             wrapped = LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_dora)
-            setattr(model.get_submodule(parent_name), child_name, wrapped)
+            model.set_submodule(name, wrapped)
+
+
+def quantize_base_weights(model: Llama) -> None:
+    """Replace every linear layer of the transformer blocks by an `NF4Linear`, in place, one at a
+    time so that the dense weight is freed as its NF4 copy takes its place.
+
+    The embedding and lm_head stay dense, as in QLoRA (and transformers' bitsandbytes loading):
+    they are a few percent of a Llama's weights, quantization hurts the output layer most, and the
+    chunked loss multiplies by lm_head's weight directly (`output_weight`), which would otherwise
+    need dequantizing whole for every micro-batch.
+    """
+    to_nf4 = _import_to_nf4()
+    # Names, not modules: a list of the modules would keep every dense weight alive to the end.
+    names = [n for n, m in model.layers.named_modules(prefix="layers") if isinstance(m, nn.Linear)]
+    for name in names:
+        quantized = _quantize(model.get_submodule(name), name, to_nf4)
+        model.set_submodule(name, NF4Linear(quantized))
+
+
+def _quantize(linear: nn.Linear, name: str, to_nf4: Callable) -> torch.Tensor:
+    if linear.bias is not None:
+        raise ValueError(f"{name}: NF4Linear supports bias-free linear layers only (as in Llama)")
+    # Whole blocks, and whole groups of block scales, are all torchao's NF4 takes. Every Llama's
+    # sizes are multiples; only toy models' may not be.
+    group = NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE
+    if linear.weight.numel() % group:
+        raise UserError(
+            f"lora.quantize_base: {name} has {linear.weight.numel()} weights "
+            f"({linear.out_features}x{linear.in_features}), not a multiple of {group} "
+            f"(NF4 blocks of {NF4_BLOCK_SIZE}, their scales in groups of {NF4_SCALER_BLOCK_SIZE})"
+        )
+    return to_nf4(linear.weight.detach(), NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+
+
+def _import_to_nf4() -> Callable:
+    """torchao's `to_nf4`, imported only when asked for: it is an optional dependency, and
+    importing it takes a second or two."""
+    try:
+        # A CPU build of torch makes torchao's import log warnings about CUDA kernels it could not
+        # load and a deprecation meant for torchao's developers; NF4 needs neither.
+        with _quiet_loggers("torchao", "torch.utils._pytree"):
+            from torchao.quantization import to_nf4
+    except ImportError as e:
+        raise UserError(f"lora.quantize_base needs torchao ({e}): {QLORA_EXTRA}") from None
+    return to_nf4
+
+
+@contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Drop the named loggers' messages below ERROR for the duration."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -174,16 +322,37 @@ def output_weight(model: Llama) -> torch.Tensor:
 
 @torch.no_grad()
 def merge_lora(model: Llama) -> None:
-    """Fold every adapter into its base weight and put the plain `nn.Linear` back, so that the
-    model's state dict is a normal Llama's (for `save_hf`). Merged in fp32, cast back to the
-    base's dtype."""
+    """Fold every adapter into its base weight and put plain `nn.Linear` layers back, NF4 ones
+    dequantized, so that the model's state dict is a normal Llama's (for `save_hf`). Merged in
+    fp32, cast back to the base's dtype.
+
+    A QLoRA model merges into its dequantized weights, the ones it was trained with: the merged
+    model computes what the quantized one did, not what the adapter gives on the original base.
+    """
     for name, module in lora_modules(model).items():
-        base = module.base
-        with torch.autocast(base.weight.device.type, enabled=False):
-            merged = module.effective_weight(torch.float32)
-        base.weight.copy_(merged.to(base.weight.dtype))
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, base)
+        model.set_submodule(name, _merged_linear(module))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            model.set_submodule(name, _dense_linear(module.dequantized()))
+
+
+def _merged_linear(module: LoRALinear) -> nn.Linear:
+    base = module.base
+    with torch.autocast(base.weight.device.type, enabled=False):
+        merged = module.effective_weight(torch.float32)
+    if isinstance(base, NF4Linear):
+        return _dense_linear(merged.to(base.weight.dtype))
+    base.weight.copy_(merged.to(base.weight.dtype))
+    return base
+
+
+def _dense_linear(weight: torch.Tensor) -> nn.Linear:
+    """A frozen bias-free nn.Linear holding `weight` (out, in) itself."""
+    out_features, in_features = weight.shape
+    # On the meta device: nn.Linear would otherwise allocate and initialise a weight to discard.
+    linear = nn.Linear(in_features, out_features, bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
 
 
 def peft_module_name(name: str) -> str:
