@@ -1,7 +1,7 @@
 """Benchmark the fine-tuning recipes on a fixed workload, the way a user runs them.
 
     python bench/bench.py           # tiny and medium models, fp32 and bf16, full and lora recipes
-    python bench/bench.py --models medium --dtypes bf16 --recipes lora --steps 8
+    python bench/bench.py --models medium --dtypes bf16 --recipes lora,qlora --steps 8
 
 Each configuration is one `python -m finetune` process. From the times at which its progress
 lines arrive the script derives:
@@ -131,6 +131,14 @@ def run_recipe(overrides: list[str], steps: int, run_dir: Path) -> Result:
     )
 
 
+# Bench name -> the overrides that select it.
+RECIPES = {
+    "full": ["recipe=full"],
+    "lora": ["recipe=lora"],
+    "qlora": ["recipe=lora", "lora.quantize_base=true"],
+}
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, recipe: str) -> float:
     """Training FLOPs per token, attention included.
 
@@ -140,7 +148,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recipe: str) -> float:
     the input gradient of the first layer's frozen projections).
     """
     model = meta_model(cfg)
-    if recipe == "lora":
+    if recipe != "full":  # a QLoRA step does LoRA's matmuls, plus the dequantization
         apply_lora(model, LoraConfig())
     trained = frozen = 0
     for name, p in model.named_parameters():
@@ -177,12 +185,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,medium")
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--recipes", default="full,lora", help="full, lora, or both")
+    parser.add_argument("--recipes", default="full,lora", help=f"any of {', '.join(RECIPES)}")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    unknown = set(args.recipes.split(",")) - {"full", "lora"}
+    unknown = set(args.recipes.split(",")) - set(RECIPES)
     if unknown:
-        parser.error(f"--recipes: unknown {', '.join(sorted(unknown))}; expected full and/or lora")
+        parser.error(
+            f"--recipes: unknown {', '.join(sorted(unknown))}; expected {', '.join(RECIPES)}"
+        )
 
     mm = {"fp32": mm_gflops(torch.float32), "bf16": mm_gflops(torch.bfloat16)}
     print(
@@ -207,7 +217,7 @@ def main() -> None:
             model_args = [f"model.{f}={getattr(cfg, f)}" for f in cfg.__dataclass_fields__]
             for recipe, dtype in itertools.product(args.recipes.split(","), args.dtypes.split(",")):
                 overrides = [
-                    f"recipe={recipe}",
+                    *RECIPES[recipe],
                     *model_args,
                     f"checkpoint={ckpt}",
                     f"dataset.path={data}",
