@@ -6,6 +6,7 @@ Only Hydra, OmegaConf and the config dataclasses are imported here, so `--help`,
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finetune import sweep
 from finetune.config import (
     RECIPE_PARAMS,
     FullFinetuneParams,
@@ -52,6 +54,7 @@ _register_schemas()
 
 _SHOW_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
 _USER_ERRORS = (UserError, HydraException, OmegaConfBaseException)
+log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
@@ -59,12 +62,21 @@ def _task(cfg: DictConfig) -> float:
     try:
         params = build_params(cfg)
         return RECIPES[type(params)](params)
-    except _USER_ERRORS as error:
-        # A single run ends here, before Hydra adds its own lines; in a sweep Hydra records the
-        # failed job and reports it.
-        if HydraConfig.get().mode is RunMode.RUN:
+    except Exception as error:
+        # In a sweep the other jobs go on; the report lists this one with its error.
+        if HydraConfig.get().mode is RunMode.MULTIRUN and not _SHOW_TRACEBACK:
+            return failed_job(error)
+        # A single run ends here, before Hydra adds its own lines.
+        if isinstance(error, _USER_ERRORS):
             exit_with(error)
         raise
+
+
+def failed_job(error: Exception) -> sweep.JobFailure:
+    """Log a sweep job's error in one line and return it as a value: a raise would end the sweep."""
+    message = describe(error)
+    log.error("job %s failed: %s", HydraConfig.get().job.num, message)
+    return sweep.JobFailure(message)
 
 
 def main() -> None:
@@ -77,6 +89,9 @@ def main() -> None:
         _task()
     except _USER_ERRORS as error:
         exit_with(error)
+    if sweep.failure_message is not None:
+        print(f"error: {sweep.failure_message}", file=sys.stderr)
+        sys.exit(1)
 
 
 def exit_with(error: BaseException) -> None:
@@ -88,6 +103,9 @@ def exit_with(error: BaseException) -> None:
 
 def describe(error: BaseException) -> str:
     """One line that names the key or file and what was expected."""
+    if isinstance(error, MissingConfigException) and (extra := _missing_extra(error)):
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        return f"{group}={option}: Hydra plugin not installed; pip install 'finetune[{extra}]'"
     if isinstance(error, MissingConfigException) and error.options is not None:
         group = str(error.missing_cfg_file).rpartition("/")[0]
         option = str(error.missing_cfg_file).rpartition("/")[2]
@@ -102,6 +120,12 @@ def describe(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def _missing_extra(error: MissingConfigException) -> str | None:
+    """The extra that installs the Hydra plugin whose config was not found, if it is one."""
+    missing = str(error.missing_cfg_file)
+    return next((x for cfg, x in sweep.PLUGIN_EXTRAS.items() if missing.startswith(cfg)), None)
+
+
 def help_text(argv: list[str]) -> str:
     """Usage, the config groups and their options, and every field of the selected recipe."""
     recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), "full")
@@ -111,12 +135,16 @@ def help_text(argv: list[str]) -> str:
         "usage: python -m finetune [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--info]",
         "",
         "Fine-tunes a Llama model; writes metrics, loss.png and the model to the run directory.",
-        "-m runs a sweep over comma-separated values, e.g. -m lr=1e-5,3e-5.",
+        "-m runs a sweep over comma-separated values, e.g. -m lr=1e-5,3e-5, and writes",
+        "summary.csv and summary.png to the sweep directory; -m hparams_search=lora_optuna",
+        "searches with Optuna (pip install 'finetune[sweep]').",
         "",
         "Config groups (GROUP=OPTION, * marks the default):",
     ]
     for group in sorted(p.name for p in config_dir().iterdir() if p.is_dir()):
         options = sorted(f.stem for f in (config_dir() / group).glob("*.yaml"))
+        if not options:  # conf/hydra/ holds Hydra's own groups, not ours
+            continue
         marked = [f"{o}*" if defaults.get(group) == o else o for o in options]
         lines.append(f"  {group:<10} {', '.join(marked)}")
     lines += ["", f"Parameters of recipe={recipe} ({params.__name__}), before the YAML options:"]

@@ -116,6 +116,12 @@ class DatasetConfig:
     train_on_input: bool = option(
         False, "also compute the loss on the prompt (alpaca) or the user turns (chat)"
     )
+    val_path: str = option(
+        "", "validation data: a second file in the same format; empty for none (or val_split)"
+    )
+    val_split: float = option(
+        0.0, "hold out this fraction of `path` for validation (seeded); 0 for none (or val_path)"
+    )
 
     def __post_init__(self) -> None:
         if self.format not in DATASET_FORMATS:
@@ -123,13 +129,27 @@ class DatasetConfig:
                 "dataset.format",
                 f"unknown format {self.format!r}; expected one of: " + ", ".join(DATASET_FORMATS),
             )
-        # A CSV cell holds text, not a list of messages.
-        if self.format == "chat" and Path(self.path).suffix == ".csv":
+        for key, path in (("dataset.path", self.path), ("dataset.val_path", self.val_path)):
+            # A CSV cell holds text, not a list of messages.
+            if self.format == "chat" and Path(path).suffix == ".csv":
+                raise ConfigError(
+                    key,
+                    f"a CSV file holds Alpaca records only, not chat conversations: {path}; "
+                    "use a .json, .jsonl or .parquet file for dataset.format=chat",
+                )
+        _require(0 <= self.val_split < 1, "dataset.val_split", "must be in [0, 1)", self.val_split)
+        if self.val_path and self.val_split:
             raise ConfigError(
-                "dataset.path",
-                f"a CSV file holds Alpaca records only, not chat conversations: {self.path}; "
-                "use a .json, .jsonl or .parquet file for dataset.format=chat",
+                "dataset.val_split",
+                f"set either val_split or val_path ({self.val_path}), not both",
             )
+        # Unlike `path`, the default ("") is valid here, so the file can be checked right away.
+        if self.val_path:
+            _require_file(self.val_path, "dataset.val_path", suffixes=DATASET_SUFFIXES)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val_path) or self.val_split > 0
 
 
 @dataclass
@@ -162,6 +182,12 @@ class FullFinetuneParams:
     device: Device = option(Device.auto, "auto picks cuda when present, else cpu")
     shuffle: bool = option(True, "shuffle the data every epoch (seeded); false keeps file order")
     log_every_n_steps: int = option(1, "optimizer steps between progress lines and metrics rows")
+    eval_every_n_steps: int = option(
+        0, "optimizer steps between validation passes; 0: only at the end (needs validation data)"
+    )
+    early_stopping_patience: int = option(
+        0, "stop after this many validation passes without a lower val_loss; 0 disables"
+    )
     max_shard_size_mb: int = option(5000, "split the saved model.safetensors above this size")
     output_format: OutputFormat = option(
         OutputFormat.hf, "hf: model/ in Hugging Face format; meta: also model_meta/ in Meta's"
@@ -200,6 +226,23 @@ class FullFinetuneParams:
         _require(
             self.max_shard_size_mb >= 1, "max_shard_size_mb", "must be >= 1", self.max_shard_size_mb
         )
+        _require(
+            self.eval_every_n_steps >= 0,
+            "eval_every_n_steps",
+            "must be >= 0",
+            self.eval_every_n_steps,
+        )
+        _require(
+            self.early_stopping_patience >= 0,
+            "early_stopping_patience",
+            "must be >= 0",
+            self.early_stopping_patience,
+        )
+        for key in ("eval_every_n_steps", "early_stopping_patience"):
+            if getattr(self, key) and not self.dataset.has_validation:
+                raise ConfigError(
+                    key, "needs validation data: set dataset.val_path or dataset.val_split"
+                )
         if not self.output_dir:
             raise ConfigError("output_dir", "is required")
         # Required fields of nested parts are checked here: OmegaConf builds a nested dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from finetune.config import DatasetConfig
-from finetune.errors import UserError
+from finetune.errors import ConfigError, UserError
 from finetune.tokenizer import Tokenizer
 
 # Label of a position that contributes no loss (the prompt, padding); cross-entropy's convention.
@@ -360,27 +361,58 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def load_dataset(cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int) -> list[Example]:
-    """Read `cfg.path` and tokenize every record in the layout `cfg.format` names."""
-    return LOADERS[cfg.format](cfg, tokenizer, max_seq_len)
+def load_dataset(
+    cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int, path: str = ""
+) -> list[Example]:
+    """Read `path` (default `cfg.path`) and tokenize every record in the layout `cfg.format` names.
+
+    The validation file (`cfg.val_path`) is read with the same format, columns and masking.
+    """
+    return LOADERS[cfg.format](Path(path or cfg.path), cfg, tokenizer, max_seq_len)
 
 
-def _load_alpaca(cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int) -> list[Example]:
+def _load_alpaca(
+    path: Path, cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int
+) -> list[Example]:
     columns = {part: getattr(cfg.column_map, part) for part in ALPACA_PARTS}
-    records = read_records(Path(cfg.path), columns)
+    records = read_records(path, columns)
     return [tokenize_alpaca(r, tokenizer, max_seq_len, cfg.train_on_input) for r in records]
 
 
-def _load_chat(cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int) -> list[Example]:
-    conversations = read_conversations(Path(cfg.path), cfg.column_map.messages)
+def _load_chat(
+    path: Path, cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int
+) -> list[Example]:
+    conversations = read_conversations(path, cfg.column_map.messages)
     return [tokenize_chat(c, tokenizer, max_seq_len, cfg.train_on_input) for c in conversations]
 
 
 # How each `dataset.format` is read and tokenized.
-LOADERS: dict[str, Callable[[DatasetConfig, Tokenizer, int], list[Example]]] = {
+LOADERS: dict[str, Callable[[Path, DatasetConfig, Tokenizer, int], list[Example]]] = {
     "alpaca": _load_alpaca,
     "chat": _load_chat,
 }
+
+
+def split_examples(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(training, held out): `fraction` of the examples, at least one, chosen by `seed`.
+
+    The choice comes from its own generator, so it is the same whatever the training shuffle
+    does, and both parts keep file order, so `shuffle=false` still means file order.
+    """
+    n_val = max(1, round(len(examples) * fraction))
+    if n_val >= len(examples):
+        raise ConfigError(
+            "dataset.val_split",
+            f"holding out {n_val} of {len(examples)} examples leaves none to train on",
+        )
+    # A string seed is hashed (SHA-512) into the generator's state: stable across runs and
+    # platforms, and unrelated to the torch generators that shuffle the epochs.
+    held_out = set(random.Random(f"val_split:{seed}").sample(range(len(examples)), n_val))
+    train = [e for i, e in enumerate(examples) if i not in held_out]
+    val = [e for i, e in enumerate(examples) if i in held_out]
+    return train, val
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -59,10 +60,45 @@ class MetricsLog:
                 flush=True,
             )
 
+    def write_eval(self, step: int, epoch: int, val_loss: float, eval_s: float) -> None:
+        """Record a validation pass at `step` that took `eval_s` seconds.
+
+        Its own row, so the training rows keep their schema; its time is left out of the next
+        training row's tokens_per_s, which measures training only.
+        """
+        now = time.perf_counter()
+        self.last_write += eval_s
+        val_perplexity = perplexity(val_loss)
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "val_loss": val_loss,
+            "val_perplexity": val_perplexity,
+            "elapsed_s": round(now - self.started, 3),
+        }
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.say(
+            f"eval step {step}/{self.total_steps} val_loss {val_loss:.4f} "
+            f"val_ppl {val_perplexity:.2f}"
+        )
+
+    def say(self, line: str) -> None:
+        """A line of progress that is not a training step's, above the bar on a terminal."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.file.close()
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); infinite rather than an OverflowError when a diverged run's loss is huge."""
+    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -71,15 +107,26 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
-    """Loss (left axis) and learning rate (right axis) against the optimizer step."""
+    """Loss (left axis; validation loss too, if any) and learning rate (right axis) by step."""
     # Figure without pyplot: no GUI backend is chosen, so it works on any headless machine.
     from matplotlib.figure import Figure
 
-    rows = read_metrics(metrics_path)
+    all_rows = read_metrics(metrics_path)
+    # Training and validation rows share the file; a row is one or the other.
+    rows = [r for r in all_rows if "loss" in r]
+    val_rows = [r for r in all_rows if "val_loss" in r]
     steps = [r["step"] for r in rows]
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     loss_ax = fig.add_subplot()
     loss_ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="training loss")
+    if val_rows:
+        loss_ax.plot(
+            [r["step"] for r in val_rows],
+            [r["val_loss"] for r in val_rows],
+            color="tab:green",
+            marker="o",
+            label="validation loss",
+        )
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss", color="tab:blue")
     loss_ax.grid(alpha=0.3)

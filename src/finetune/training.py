@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -16,7 +17,15 @@ from omegaconf import OmegaConf
 
 from finetune.checkpoint import save_hf
 from finetune.config import Device, DType, FullFinetuneParams, OutputFormat
-from finetune.data import IGNORE_INDEX, Batch, Example, batches, epoch_order, load_dataset
+from finetune.data import (
+    IGNORE_INDEX,
+    Batch,
+    Example,
+    batches,
+    epoch_order,
+    load_dataset,
+    split_examples,
+)
 from finetune.errors import UserError
 from finetune.lora import output_weight
 from finetune.meta_format import save_meta
@@ -257,8 +266,86 @@ def train_step(
     return StepResult(float(loss_sum) / n_targets, float(grad_norm), n_tokens)
 
 
+def split_validation(
+    examples: list[Example], params: FullFinetuneParams
+) -> tuple[list[Example], list[Example]]:
+    """(training, validation) examples: `dataset.val_split` of `examples`, or `dataset.val_path`.
+
+    Empty validation when neither is set. The validation file is tokenized like the training one.
+    """
+    cfg = params.dataset
+    if cfg.val_split:
+        train_examples, val_examples = split_examples(examples, cfg.val_split, params.seed)
+    elif cfg.val_path:
+        tokenizer = Tokenizer(Path(params.tokenizer))
+        train_examples = examples
+        val_examples = load_dataset(cfg, tokenizer, params.max_seq_len, path=cfg.val_path)
+    else:
+        return examples, []
+    log.info(
+        "training on %d examples, validating on %d (%s)",
+        len(train_examples),
+        len(val_examples),
+        cfg.val_path or f"val_split={cfg.val_split}",
+    )
+    return train_examples, val_examples
+
+
+def evaluate(
+    model: Llama, examples: list[Example], params: FullFinetuneParams, pad_id: int
+) -> float:
+    """Mean loss over every labelled token of `examples`, weights and training RNG untouched.
+
+    Token-weighted like the training loss, so the two are on the same scale and batch size does
+    not change the result. Eval mode turns off (LoRA) dropout: its masks would add noise to the
+    result and draw from the global RNG, changing the masks of the training steps that follow.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_targets = 0
+    order = list(range(len(examples)))
+    with torch.no_grad():
+        # Detached: the loss computes its gradients in the forward pass for every input that
+        # requires them, which no_grad alone does not switch off.
+        weight = output_weight(model).detach()
+        for batch in batches(examples, params.batch_size, pad_id, order, params.pad_to_multiple_of):
+            with autocast(device, params.dtype):
+                hidden = model.hidden_states(batch.inputs.to(device, non_blocking=True))
+                targets = batch.targets.to(device, non_blocking=True)
+                loss_sum += chunked_cross_entropy(hidden, weight, targets)
+            n_targets += batch.n_targets
+    model.train(was_training)
+    if n_targets == 0:
+        raise UserError("the validation data has no labelled tokens to compute a loss on")
+    return float(loss_sum) / n_targets
+
+
+@dataclass
+class EarlyStopping:
+    """Counts validation passes since val_loss last improved; patience 0 never stops."""
+
+    patience: int
+    best: float = math.inf
+    best_step: int = 0
+    passes_without_improvement: int = 0
+
+    def should_stop(self, step: int, val_loss: float) -> bool:
+        if val_loss < self.best:
+            self.best, self.best_step, self.passes_without_improvement = val_loss, step, 0
+        else:
+            self.passes_without_improvement += 1
+        return 0 < self.patience <= self.passes_without_improvement
+
+
 def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad_id: int) -> float:
-    """Run the training loop; returns the loss of the last step."""
+    """Run the training loop on `examples`, less any held-out validation part.
+
+    Returns the last validation loss when there is validation data (the number worth comparing
+    between runs, e.g. in a sweep), else the loss of the last training step.
+    """
+    examples, val_examples = split_validation(examples, params)
     device = next(model.parameters()).device
     steps = total_steps(params, len(examples))
     optimizer = build_optimizer(model, params.lr, params.weight_decay)
@@ -266,9 +353,17 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
         optimizer, partial(lr_multiplier, warmup_steps=params.warmup_steps, total_steps=steps)
     )
     log = MetricsLog(Path(params.output_dir) / "metrics.jsonl", total_steps=steps)
+    stopping = EarlyStopping(params.early_stopping_patience)
+
+    def validate(step: int, epoch: int) -> float:
+        started = time.perf_counter()
+        val_loss = evaluate(model, val_examples, params, pad_id)
+        log.write_eval(step, epoch, val_loss, time.perf_counter() - started)
+        return val_loss
+
     model.train()
     log.start()
-    loss, tokens_since_log = math.nan, 0
+    loss, val_loss, tokens_since_log = math.nan, math.nan, 0
     for step, (epoch, micro_batches) in enumerate(optimizer_steps(examples, params, pad_id), 1):
         lr = scheduler.get_last_lr()[0]
         result = train_step(model, micro_batches, optimizer, params, device)
@@ -280,7 +375,19 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
         if step % params.log_every_n_steps == 0 or step == steps:
             log.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
             tokens_since_log = 0
+        every = params.eval_every_n_steps
+        if val_examples and (step == steps or (every and step % every == 0)):
+            val_loss = validate(step, epoch)
+            if stopping.should_stop(step, val_loss):
+                if tokens_since_log:  # the last step's row, which log_every_n_steps skipped
+                    log.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
+                log.say(
+                    f"early stopping at step {step}/{steps}: val_loss has not improved on "
+                    f"{stopping.best:.4f} (step {stopping.best_step}) for "
+                    f"{stopping.patience} evaluations"
+                )
+                break
         if step == steps:
             break
     log.close()
-    return loss
+    return val_loss if val_examples else loss

@@ -13,7 +13,8 @@ from finetune.training import log_model, save_model, start_run, train
 
 
 def run(params: FullFinetuneParams) -> float:
-    """Fine-tune `params.checkpoint` on `params.dataset`; returns the final training loss."""
+    """Fine-tune `params.checkpoint` on `params.dataset`; returns the final validation loss
+    (the training loss when there is no validation data)."""
     device, tokenizer, examples = start_run(params)
     # fp32 master weights in every run; bf16 runs autocast the compute (see training.autocast).
     model = load_checkpoint(params.model, Path(params.checkpoint), device, torch.float32)

@@ -20,7 +20,8 @@ from finetune.training import log_model, save_model, start_run, train
 
 
 def run(params: LoraFinetuneParams) -> float:
-    """Train adapters on `params.checkpoint`; returns the final training loss."""
+    """Train adapters on `params.checkpoint`; returns the final validation loss (the training
+    loss when there is no validation data)."""
     device, tokenizer, examples = start_run(params)
     # The frozen base needs no fp32 master copy: bf16 runs keep it in bf16, which halves its
     # memory and feeds the bf16 matmuls directly. The adapters and their AdamW state stay fp32.
