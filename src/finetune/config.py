@@ -189,6 +189,10 @@ class FullFinetuneParams:
         0, "stop after this many validation passes without a lower val_loss; 0 disables"
     )
     max_shard_size_mb: int = option(5000, "split the saved model.safetensors above this size")
+    activation_checkpointing: bool = option(
+        False, "recompute each block's activations in the backward pass: less memory, more time"
+    )
+    compile: bool = option(False, "run the model through torch.compile")
     output_format: OutputFormat = option(
         OutputFormat.hf, "hf: model/ in Hugging Face format; meta: also model_meta/ in Meta's"
     )
