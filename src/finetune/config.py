@@ -188,6 +188,18 @@ class FullFinetuneParams:
     early_stopping_patience: int = option(
         0, "stop after this many validation passes without a lower val_loss; 0 disables"
     )
+    save_every_n_steps: int = option(
+        0, "optimizer steps between training-state checkpoints (and one per epoch); 0 disables"
+    )
+    keep_last_n: int = option(2, "training-state checkpoints kept, the newest; 0 keeps all")
+    resume: str = option(
+        "",
+        "continue a run: true (newest checkpoint of output_dir; with hydra.run.dir=<old run>), "
+        "or a checkpoint or run directory",
+    )
+    skip_nonfinite_steps: int = option(
+        0, "skip (no update) up to this many steps with a NaN/inf loss or gradient; 0: stop"
+    )
     max_shard_size_mb: int = option(5000, "split the saved model.safetensors above this size")
     activation_checkpointing: bool = option(
         False, "recompute each block's activations in the backward pass: less memory, more time"
@@ -242,6 +254,21 @@ class FullFinetuneParams:
             "must be >= 0",
             self.early_stopping_patience,
         )
+        _require(
+            self.save_every_n_steps >= 0,
+            "save_every_n_steps",
+            "must be >= 0",
+            self.save_every_n_steps,
+        )
+        _require(
+            self.skip_nonfinite_steps >= 0,
+            "skip_nonfinite_steps",
+            "must be >= 0",
+            self.skip_nonfinite_steps,
+        )
+        _require(self.keep_last_n >= 0, "keep_last_n", "must be >= 0", self.keep_last_n)
+        if self.resume and self.resume.lower() not in ("true", "latest", "false"):
+            _require_dir(self.resume, "resume")
         for key in ("eval_every_n_steps", "early_stopping_patience"):
             if getattr(self, key) and not self.dataset.has_validation:
                 raise ConfigError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from finetune.config import ModelConfig
 
@@ -87,8 +88,19 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
+        # Set by `parallel.apply_activation_checkpointing`. A flag rather than a wrapper module,
+        # so that parameter names (and so checkpoints and adapters) stay the same either way.
+        self.checkpoint_activations = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Without grad nothing is saved for backward, so there is nothing to recompute.
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # Non-reentrant: works with parameters that need no grad (frozen LoRA bases) and
+            # restores the RNG state when recomputing, so dropout draws the same masks twice.
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 

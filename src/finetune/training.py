@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import FrameType
 
 import torch
 from omegaconf import OmegaConf
 
 from finetune.checkpoint import save_hf
-from finetune.config import Device, DType, FullFinetuneParams, OutputFormat
+from finetune.config import RECIPE_PARAMS, Device, DType, FullFinetuneParams, OutputFormat
 from finetune.data import (
     IGNORE_INDEX,
     Batch,
@@ -31,6 +35,16 @@ from finetune.lora import output_weight
 from finetune.meta_format import save_meta
 from finetune.metrics import MetricsLog
 from finetune.model import Llama, count_parameters
+from finetune.state import (
+    TrainingState,
+    capture_rng,
+    find_checkpoint,
+    load_checkpoint_state,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+    step_dir,
+)
 from finetune.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,10 +55,9 @@ LOGITS_PER_CHUNK = 2**25
 
 
 def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
-    """What every recipe does first: write params.yaml, seed, pick the device, tokenize the data."""
+    """What every recipe does first: seed, pick the device, tokenize the data."""
     out_dir = Path(params.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
     seed_everything(params.seed)
     device = resolve_device(params.device)
     tokenizer = Tokenizer(Path(params.tokenizer))
@@ -217,11 +230,21 @@ def total_steps(params: FullFinetuneParams, n_examples: int) -> int:
 
 
 def optimizer_steps(
-    examples: list[Example], params: FullFinetuneParams, pad_id: int
+    examples: list[Example],
+    params: FullFinetuneParams,
+    pad_id: int,
+    start_epoch: int = 0,
+    start_batch: int = 0,
 ) -> Iterator[tuple[int, list[Batch]]]:
-    """(epoch, the micro-batches of one optimizer step), over every epoch."""
-    for epoch in range(params.epochs):
+    """(epoch, the micro-batches of one optimizer step), over every epoch.
+
+    Starts at micro-batch `start_batch` of `start_epoch` (a resumed run): the order is rebuilt
+    from (seed, epoch) and the consumed part sliced off, so nothing skipped is collated.
+    """
+    for epoch in range(start_epoch, params.epochs):
         order = epoch_order(len(examples), params.shuffle, params.seed, epoch)
+        if epoch == start_epoch:
+            order = order[start_batch * params.batch_size :]
         group: list[Batch] = []
         for batch in batches(examples, params.batch_size, pad_id, order, params.pad_to_multiple_of):
             group.append(batch)
@@ -237,6 +260,7 @@ class StepResult:
     loss: float
     grad_norm: float
     n_tokens: int  # non-padding input tokens
+    finite: bool = True  # False: NaN/inf loss or gradient, and the weights were not updated
 
 
 def train_step(
@@ -260,10 +284,14 @@ def train_step(
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_norm = params.max_grad_norm or math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-    optimizer.step()
+    loss, norm = float(loss_sum) / n_targets, float(grad_norm)
+    # Checked before the update: one NaN gradient would turn every weight it reaches into NaN.
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n_tokens = sum(b.n_tokens for b in micro_batches)
-    return StepResult(float(loss_sum) / n_targets, float(grad_norm), n_tokens)
+    return StepResult(loss, norm, n_tokens, finite)
 
 
 def split_validation(
@@ -352,8 +380,25 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_multiplier, warmup_steps=params.warmup_steps, total_steps=steps)
     )
-    log = MetricsLog(Path(params.output_dir) / "metrics.jsonl", total_steps=steps)
+    output_dir = Path(params.output_dir)
+    recipe = recipe_name(params)
+    state = TrainingState(n_examples=len(examples))
+    if params.resume.lower() not in ("", "false"):
+        state = resume(params, recipe, model, optimizer, scheduler, len(examples))
+    # Appends: a resumed run continues the rows of the run it resumes.
+    log = MetricsLog(output_dir / "metrics.jsonl", total_steps=steps)
     stopping = EarlyStopping(params.early_stopping_patience)
+    batches_per_epoch = math.ceil(len(examples) / params.batch_size)
+
+    def save(epoch_ended: bool, stopping_now: bool) -> Path | None:
+        every = params.save_every_n_steps
+        if not (stopping_now or (every and (state.step % every == 0 or epoch_ended))):
+            return None
+        directory = step_dir(output_dir, state.step)
+        state.rng = capture_rng()
+        save_checkpoint(directory, recipe, model, optimizer, scheduler, state)
+        prune_checkpoints(output_dir, params.keep_last_n)
+        return directory
 
     def validate(step: int, epoch: int) -> float:
         started = time.perf_counter()
@@ -361,33 +406,159 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
         log.write_eval(step, epoch, val_loss, time.perf_counter() - started)
         return val_loss
 
+    # Written only now that every input has been read and checked: a run that fails on bad input
+    # leaves an earlier run's params.yaml in the same directory as it was.
+    (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
     model.train()
     log.start()
+    if state.rng:
+        # Last, so that the next dropout mask is the one the interrupted run would have drawn.
+        restore_rng(state.rng)
     loss, val_loss, tokens_since_log = math.nan, math.nan, 0
-    for step, (epoch, micro_batches) in enumerate(optimizer_steps(examples, params, pad_id), 1):
-        lr = scheduler.get_last_lr()[0]
-        result = train_step(model, micro_batches, optimizer, params, device)
-        scheduler.step()
-        loss = result.loss
-        tokens_since_log += result.n_tokens
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss is {loss} at step {step}; lower lr or check the data")
-        if step % params.log_every_n_steps == 0 or step == steps:
-            log.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
-            tokens_since_log = 0
-        every = params.eval_every_n_steps
-        if val_examples and (step == steps or (every and step % every == 0)):
-            val_loss = validate(step, epoch)
-            if stopping.should_stop(step, val_loss):
-                if tokens_since_log:  # the last step's row, which log_every_n_steps skipped
-                    log.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
-                log.say(
-                    f"early stopping at step {step}/{steps}: val_loss has not improved on "
-                    f"{stopping.best:.4f} (step {stopping.best_step}) for "
-                    f"{stopping.patience} evaluations"
-                )
+    data = optimizer_steps(examples, params, pad_id, state.epoch, state.batch_index)
+    stop = StopRequest()
+    with stop.installed():
+        for epoch, micro_batches in data:
+            if state.step >= steps:  # resumed from the last step: nothing left to do
                 break
-        if step == steps:
-            break
+            step = state.step + 1
+            lr = scheduler.get_last_lr()[0]
+            result = train_step(model, micro_batches, optimizer, params, device)
+            scheduler.step()
+            loss = result.loss
+            tokens_since_log += result.n_tokens
+            epoch_ended = advance(state, epoch, micro_batches, result.n_tokens, batches_per_epoch)
+            if not result.finite:
+                state.skipped_steps += 1
+                log.say(check_nonfinite(result, step, state.skipped_steps, params))
+            if step % params.log_every_n_steps == 0 or step == steps:
+                log.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
+                tokens_since_log = 0
+            every = params.eval_every_n_steps
+            if val_examples and (step == steps or (every and step % every == 0)):
+                val_loss = validate(step, epoch)
+                if stopping.should_stop(step, val_loss):
+                    if tokens_since_log:  # the last step's row, which log_every_n_steps skipped
+                        log.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
+                    log.say(
+                        f"early stopping at step {step}/{steps}: val_loss has not improved on "
+                        f"{stopping.best:.4f} (step {stopping.best_step}) for "
+                        f"{stopping.patience} evaluations"
+                    )
+                    break
+            # A signal during the last step lets the run finish: its end is as near as a checkpoint.
+            stopping_now = stop.signum is not None and step < steps
+            saved = save(epoch_ended, stopping_now)
+            if stopping_now:
+                log.close()
+                raise SystemExit(stopped_by_signal(stop.signum, step, steps, saved, output_dir))
+            if step == steps:
+                break
     log.close()
     return val_loss if val_examples else loss
+
+
+def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFinetuneParams) -> str:
+    """The line reporting a skipped non-finite step; raises once more than allowed were skipped."""
+    what = f"step {step}: loss {result.loss}, grad_norm {result.grad_norm}"
+    allowed = params.skip_nonfinite_steps
+    if skipped > allowed:
+        raise UserError(
+            f"{what} is not finite; stopped with the weights of the step before "
+            f"({skipped - 1} such steps skipped, skip_nonfinite_steps={allowed}); lower lr, "
+            "check the data, or set skip_nonfinite_steps=N"
+        )
+    return f"{what} is not finite; skipped the update ({skipped}/{allowed} allowed)"
+
+
+def recipe_name(params: FullFinetuneParams) -> str:
+    return next(name for name, cls in RECIPE_PARAMS.items() if type(params) is cls)
+
+
+def advance(
+    state: TrainingState,
+    epoch: int,
+    micro_batches: list[Batch],
+    n_tokens: int,
+    batches_per_epoch: int,
+) -> bool:
+    """Record one finished optimizer step in `state`; True when it ended an epoch."""
+    state.step += 1
+    state.tokens_seen += n_tokens
+    state.epoch = epoch
+    state.batch_index += len(micro_batches)
+    if state.batch_index >= batches_per_epoch:
+        state.epoch, state.batch_index = epoch + 1, 0
+    return state.batch_index == 0
+
+
+def resume(
+    params: FullFinetuneParams,
+    recipe: str,
+    model: Llama,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    n_examples: int,
+) -> TrainingState:
+    """Load the checkpoint `params.resume` names; the training set must be the one it saw."""
+    directory = find_checkpoint(params.resume, Path(params.output_dir))
+    state = load_checkpoint_state(directory, recipe, model, optimizer, scheduler)
+    if state.n_examples != n_examples:
+        raise UserError(
+            f"{directory}: saved from a run of {state.n_examples} training examples, "
+            f"this one has {n_examples}; resume needs the same data and val_split"
+        )
+    print(f"resuming from {directory} at step {state.step}", flush=True)
+    return state
+
+
+class StopRequest:
+    """SIGINT/SIGTERM (Ctrl-C, SLURM preemption) ask the loop to stop after the current step.
+
+    Stopping mid-step would leave a half-accumulated gradient that no checkpoint can hold; a
+    second signal is a user who will not wait, and stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers, in place only inside the block: later a Ctrl-C interrupts as usual."""
+        # Python only lets the main thread install handlers (not so e.g. under some launchers).
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint; "
+            "press Ctrl-C again to stop at once",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def stopped_by_signal(
+    signum: int, step: int, steps: int, saved: Path | None, output_dir: Path
+) -> int:
+    """Say where the run stopped and how to go on; returns the exit status (128 + signal)."""
+    name = signal.Signals(signum).name
+    print(f"{name} after step {step}/{steps}: training state saved to {saved}", flush=True)
+    print(
+        f"resume with: python -m finetune <the same overrides> hydra.run.dir={output_dir} "
+        "resume=true",
+        flush=True,
+    )
+    return 128 + signum

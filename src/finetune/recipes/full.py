@@ -9,6 +9,7 @@ import torch
 from finetune.checkpoint import load_checkpoint
 from finetune.config import FullFinetuneParams
 from finetune.metrics import plot_metrics
+from finetune.parallel import prepare_model
 from finetune.training import log_model, save_model, start_run, train
 
 
@@ -18,6 +19,7 @@ def run(params: FullFinetuneParams) -> float:
     device, tokenizer, examples = start_run(params)
     # fp32 master weights in every run; bf16 runs autocast the compute (see training.autocast).
     model = load_checkpoint(params.model, Path(params.checkpoint), device, torch.float32)
+    prepare_model(model, params)
     log_model(model, params, len(examples))
 
     final_loss = train(model, examples, params, tokenizer.pad_id)

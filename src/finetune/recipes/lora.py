@@ -16,6 +16,7 @@ from finetune.checkpoint import load_checkpoint
 from finetune.config import DType, LoraFinetuneParams
 from finetune.lora import apply_lora, load_adapter, merge_lora, save_adapter
 from finetune.metrics import plot_metrics
+from finetune.parallel import prepare_model
 from finetune.training import log_model, save_model, start_run, train
 
 
@@ -30,6 +31,7 @@ def run(params: LoraFinetuneParams) -> float:
     apply_lora(model, params.lora)
     if params.adapter:
         load_adapter(model, Path(params.adapter))
+    prepare_model(model, params)
     log_model(model, params, len(examples))
 
     final_loss = train(model, examples, params, tokenizer.pad_id)

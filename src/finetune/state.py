@@ -1,0 +1,191 @@
+"""Training-state checkpoints: what a run needs to continue exactly where it stopped.
+
+    <output_dir>/checkpoints/step_000123/state.pt
+
+`state.pt` holds plain tensors and dicts only (loaded with `weights_only=True`): the trainable
+weights, the optimizer and LR-schedule state, and a small `TrainingState`. The data position is
+(epoch, micro-batches consumed); since an epoch's order depends only on (seed, epoch), that is
+enough to replay the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from finetune.errors import UserError
+
+STATE_FILE = "state.pt"
+CHECKPOINTS_DIR = "checkpoints"
+# Bumped when the layout of state.pt changes; an older file is refused rather than misread.
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands after `step` optimizer steps. Checkpoints are taken between optimizer
+    steps, so no gradient accumulation is ever in flight: `batch_index` is also its position."""
+
+    step: int = 0
+    epoch: int = 0  # the epoch the next micro-batch comes from
+    batch_index: int = 0  # micro-batches of `epoch` already consumed
+    tokens_seen: int = 0
+    skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient
+    n_examples: int = 0  # the training set's size, to refuse a checkpoint of other data
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    """Every RNG a step draws from (dropout masks), as tensors so `weights_only` loads them."""
+    version, internal, gauss = random.getstate()
+    rng = {
+        "python": torch.tensor([version, *internal], dtype=torch.int64),
+        # NaN stands for Python's "no cached gaussian" (None).
+        "python_gauss": torch.tensor(math.nan if gauss is None else gauss, dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    version, *internal = rng["python"].tolist()
+    gauss = float(rng["python_gauss"])
+    random.setstate((version, tuple(internal), None if math.isnan(gauss) else gauss))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that change: all of them for full fine-tuning, the adapters for LoRA."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def step_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / CHECKPOINTS_DIR / f"step_{step:06d}"
+
+
+def save_checkpoint(
+    directory: Path,
+    recipe: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainingState,
+) -> None:
+    """Write `directory` atomically: into `<name>.tmp/`, then renamed, so a kill at any moment
+    leaves either the complete new checkpoint or none (and the previous ones untouched)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
+    tmp.mkdir(parents=True)
+    payload = {
+        "format": FORMAT_VERSION,
+        "recipe": recipe,
+        "model": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "training": asdict(state),
+    }
+    with (tmp / STATE_FILE).open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        # Renamed before the bytes reach the disk, a power cut could leave an empty state.pt.
+        os.fsync(f.fileno())
+    if directory.exists():  # resumed from an older checkpoint: this step is being redone
+        old = directory.with_name(directory.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; `.tmp` dirs of interrupted saves are not among them."""
+    root = output_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [
+        d for d in root.iterdir() if _STEP_DIR.fullmatch(d.name) and (d / STATE_FILE).is_file()
+    ]
+    return sorted(found, key=lambda d: int(d.name.removeprefix("step_")))
+
+
+def prune_checkpoints(output_dir: Path, keep_last_n: int) -> None:
+    """Delete all but the newest `keep_last_n` checkpoints; 0 keeps every one."""
+    if keep_last_n:
+        for old in checkpoint_dirs(output_dir)[:-keep_last_n]:
+            shutil.rmtree(old)
+
+
+def find_checkpoint(resume: str, output_dir: Path) -> Path:
+    """The checkpoint `resume` names: "true"/"latest" for the newest in this run's directory, or
+    a path to a checkpoint directory or to a run directory (its newest checkpoint)."""
+    latest = resume.lower() in ("true", "latest")
+    path = output_dir if latest else Path(resume)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = checkpoint_dirs(path)
+    if not found:
+        # Hydra gives every run a new directory, so "latest" needs the old one named.
+        hint = "; to continue an earlier run, pass hydra.run.dir=<its directory>" if latest else ""
+        raise UserError(f"resume={resume}: no checkpoint found in {path / CHECKPOINTS_DIR}{hint}")
+    return found[-1]
+
+
+def load_checkpoint_state(
+    directory: Path,
+    recipe: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainingState:
+    """Load `directory` into the model, optimizer and scheduler; returns where training stood.
+
+    RNG states are returned, not restored: the caller restores them last, just before the next
+    step, so nothing in between draws from them.
+    """
+    path = directory / STATE_FILE
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: one line, not a traceback
+        raise UserError(f"{path}: not a readable training checkpoint ({error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise UserError(f"{path}: not a finetune training checkpoint (format {FORMAT_VERSION})")
+    if payload["recipe"] != recipe:
+        raise UserError(f"{path}: a checkpoint of recipe={payload['recipe']}, not recipe={recipe}")
+    _load_trainable(path, model, payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    return TrainingState(**payload["training"])
+
+
+def _load_trainable(path: Path, model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise UserError(
+            f"{path}: the checkpoint's weights do not match this model "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    for name, tensor in saved.items():
+        if tensor.shape != params[name].shape:
+            raise UserError(
+                f"{path}: {name} has shape {tuple(tensor.shape)} in the checkpoint but "
+                f"{tuple(params[name].shape)} in this model"
+            )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)

@@ -1,0 +1,200 @@
+"""The bad-input matrix: every kind of wrong input (an override, a file, a data row, a checkpoint,
+a tokenizer) stops the CLI with exit code 2 and one line naming the key or file, and leaves an
+earlier run's outputs in the run directory exactly as they were."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL_MODEL, TINY_TOKENIZER, model_overrides, run_cli, write_jsonl
+
+SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
+ROW = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+# An earlier run's outputs, which a failed run must neither delete nor overwrite.
+EARLIER_RUN = {
+    "params.yaml": "lr: 0.001\n",
+    "metrics.jsonl": '{"step": 1, "loss": 2.5}\n',
+    "loss.png": "\x89PNG earlier plot\n",
+    "model/config.json": '{"hidden_size": 64}\n',
+    "adapter/adapter_config.json": '{"r": 8}\n',
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple[str, ...]
+    message: str  # a substring of the one error line; `{tmp}` stands for the case's files
+
+
+def _files(tmp: Path, small_checkpoint: Path) -> None:
+    """The bad files the cases name, all under `tmp`."""
+    (tmp / "notes.txt").write_text("hello\n")
+    write_jsonl(tmp / "missing_field.jsonl", [ROW, {"instruction": "a"}])
+    (tmp / "bad_json.jsonl").write_text(json.dumps(ROW) + "\n{not json\n")
+    (tmp / "not_a_list.json").write_text('{"instruction": "a"}')
+    write_jsonl(tmp / "number_row.jsonl", [ROW])
+    (tmp / "number_row.jsonl").write_text(json.dumps(ROW) + "\n42\n")
+    (tmp / "dup_column.csv").write_text("instruction,instruction,output\na,b,c\n")
+    write_jsonl(tmp / "good.jsonl", [ROW, ROW])
+    (tmp / "empty_dir").mkdir()
+    (tmp / "garbage.model").write_bytes(b"this is not a sentencepiece model")
+    (tmp / "garbage.json").write_text("{not json")
+    # A checkpoint whose weights file is not safetensors, beside a valid config.json.
+    corrupt = tmp / "corrupt_checkpoint"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_bytes((small_checkpoint / "config.json").read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    (corrupt / "tokenizer.model").write_bytes(TINY_TOKENIZER.read_bytes())
+    # Weights without their config.json.
+    no_config = tmp / "no_config_checkpoint"
+    no_config.mkdir()
+    (no_config / "model.safetensors").write_bytes(
+        (small_checkpoint / "model.safetensors").read_bytes()
+    )
+    # A valid model with no tokenizer beside it (or above it).
+    no_tok = tmp / "parent" / "no_tokenizer_checkpoint"
+    no_tok.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (no_tok / name).write_bytes((small_checkpoint / name).read_bytes())
+    rank4 = tmp / "rank4_adapter"
+    rank4.mkdir()
+    (rank4 / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    bad_adapter = tmp / "bad_json_adapter"
+    bad_adapter.mkdir()
+    (bad_adapter / "adapter_config.json").write_text("{oops")
+
+
+def cases(ckpt: Path) -> list[Case]:
+    good = ("dataset.path={tmp}/good.jsonl",)
+    run = (f"checkpoint={ckpt}", *SMALL)
+    lora = ("recipe=lora", *run, *good)
+    return [
+        # Overrides: caught while composing or validating the config, before anything is read.
+        Case("float_not_a_number", ("lr=abc",), "lr: Value 'abc' of type 'str' could not be"),
+        Case("negative_lr", ("lr=-1",), "lr: must be > 0, got -1.0"),
+        Case("zero_batch", ("batch_size=0",), "batch_size: must be >= 1, got 0"),
+        Case("unknown_key", ("+nosuchkey=1",), "nosuchkey: unknown key"),
+        Case("bad_enum", ("dtype=fp64",), "dtype: Invalid value 'fp64'"),
+        Case("unknown_model", ("model=nosuch",), "model=nosuch: no such option"),
+        Case("seq_over_context", ("max_seq_len=100000",), "max_seq_len: must be <= model."),
+        Case("eval_without_val", ("eval_every_n_steps=5",), "eval_every_n_steps: needs valid"),
+        Case("lora_rank_zero", ("recipe=lora", "lora.rank=0"), "lora.rank: must be >= 1, got 0"),
+        Case("lora_target", ("recipe=lora", "lora.targets=[nope]"), "lora.targets: unknown 'nope'"),
+        Case("lora_key_in_full", ("recipe=full", "lora.rank=8"), "lora: Key 'lora' not in"),
+        # Files named by the config.
+        Case("data_missing", ("dataset.path=/no/such.json",), "dataset.path: file not found"),
+        Case("data_suffix", ("dataset.path={tmp}/notes.txt",), "dataset.path: expected a .json"),
+        Case("val_missing", ("dataset.val_path=/no/v.jsonl",), "dataset.val_path: file not found"),
+        Case(
+            "chat_csv",
+            ("dataset.format=chat", "dataset.path={tmp}/dup_column.csv"),
+            "dataset.path: a CSV file holds Alpaca records only",
+        ),
+        Case("ckpt_missing", ("checkpoint=/no/such/dir",), "checkpoint: directory not found"),
+        Case("adapter_missing", ("recipe=lora", "adapter=/no/d"), "adapter: directory not found"),
+        # Data rows: found while reading the data, before the model is loaded.
+        Case(
+            "row_field", (*run, "dataset.path={tmp}/missing_field.jsonl"), "missing_field.jsonl:2"
+        ),
+        Case(
+            "row_json",
+            (*run, "dataset.path={tmp}/bad_json.jsonl"),
+            "bad_json.jsonl:2: invalid JSON",
+        ),
+        Case("row_type", (*run, "dataset.path={tmp}/number_row.jsonl"), "number_row.jsonl:2"),
+        Case("json_not_list", (*run, "dataset.path={tmp}/not_a_list.json"), "not_a_list.json"),
+        Case("csv_dup_column", (*run, "dataset.path={tmp}/dup_column.csv"), "dup_column.csv:1"),
+        # Checkpoints.
+        Case(
+            "ckpt_empty",
+            ("checkpoint={tmp}/empty_dir", "tokenizer=" + str(TINY_TOKENIZER), *SMALL, *good),
+            "empty_dir",
+        ),
+        Case("ckpt_arch", (f"checkpoint={ckpt}", *good), "hidden_size=64 but model.dim=256"),
+        Case(
+            "ckpt_corrupt",
+            ("checkpoint={tmp}/corrupt_checkpoint", *SMALL, *good),
+            "model.safetensors: not a readable",
+        ),
+        Case(
+            "ckpt_no_config",
+            (
+                "checkpoint={tmp}/no_config_checkpoint",
+                "tokenizer=" + str(TINY_TOKENIZER),
+                *SMALL,
+                *good,
+            ),
+            "no config.json",
+        ),
+        Case("adapter_rank", (*lora, "adapter={tmp}/rank4_adapter"), "adapter_config.json: r is 4"),
+        Case(
+            "adapter_json",
+            (*lora, "adapter={tmp}/bad_json_adapter"),
+            "adapter_config.json: not valid JSON",
+        ),
+        # Tokenizers.
+        Case("tok_missing", ("tokenizer=/no/such.model",), "tokenizer: file not found"),
+        Case("tok_suffix", ("tokenizer={tmp}/notes.txt",), "tokenizer: expected a .model or .json"),
+        Case(
+            "tok_absent",
+            ("checkpoint={tmp}/parent/no_tokenizer_checkpoint",),
+            "tokenizer: no tokenizer.model or tokenizer.json",
+        ),
+        Case(
+            "tok_garbage",
+            (*run, *good, "tokenizer={tmp}/garbage.model"),
+            "garbage.model: not a SentencePiece model",
+        ),
+        Case("tok_json_garbage", (*run, *good, "tokenizer={tmp}/garbage.json"), "garbage.json"),
+        Case("tok_vocab", (*run, *good, "model.vocab_size=1000"), "tokenizer has 4096 tokens but"),
+    ]
+
+
+CASE_IDS = [c.id for c in cases(Path("/ckpt"))]
+
+
+@pytest.fixture(scope="module")
+def inputs(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    _files(tmp, small_checkpoint)
+    return tmp
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
+def test_bad_input_exits_2_naming_the_problem_and_keeps_earlier_outputs(
+    index: int, inputs: Path, small_checkpoint: Path, tmp_path: Path
+) -> None:
+    case = cases(small_checkpoint)[index]
+    run_dir = tmp_path / "run"
+    for name, text in EARLIER_RUN.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(text)
+    before = snapshot(run_dir)
+
+    args = [a.replace("{tmp}", str(inputs)) for a in case.args]
+    result = run_cli(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+
+    message = case.message.replace("{tmp}", str(inputs))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (args, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+    after = snapshot(run_dir)
+    # What a failed run may write is Hydra's record of it (.hydra/, an empty finetune.log).
+    # Every earlier output stays byte for byte, and no model/, metrics or params appear.
+    assert {
+        k: v for k, v in after.items() if not k.startswith(".hydra/") and k != "finetune.log"
+    } == before
