@@ -341,6 +341,13 @@ def test_load_adapter_names_a_missing_tensor(tmp_path: Path) -> None:
 def test_bf16_base_with_fp32_adapters_trains_under_autocast(use_dora: bool) -> None:
     model = small_model().to(torch.bfloat16)
     apply_lora(model, LoraConfig(RANK, ALPHA, 0.1, list(LORA_TARGETS), use_dora))
+    check_bf16_base_trains_under_autocast_and_merges(model)
+
+
+def check_bf16_base_trains_under_autocast_and_merges(model: Llama) -> None:
+    """A bf16 base with fp32 adapters: trains under autocast with fp32 adapter gradients and no
+    base gradients, evaluates without autocast (bf16 activations meet fp32 adapters), and merges
+    to bf16 weights with the same output."""
     randomise_adapters(model)
     tokens = random_tokens()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -355,8 +362,6 @@ def test_bf16_base_with_fp32_adapters_trains_under_autocast(use_dora: bool) -> N
         else:
             assert p.dtype == torch.bfloat16 and p.grad is None, name
 
-    # Evaluation without autocast runs too (bf16 activations meet fp32 adapters), and merging
-    # keeps the bf16 base weights.
     model.eval()
     with torch.no_grad():
         plain = model(tokens)

@@ -32,7 +32,6 @@ from finetune.lora import (
 )
 from finetune.model import Llama
 from finetune.recipes import lora as lora_recipe
-from finetune.training import chunked_cross_entropy
 from tests.conftest import (
     SMALL_MODEL,
     TINY_CHECKPOINT,
@@ -41,7 +40,11 @@ from tests.conftest import (
     model_overrides,
     write_checkpoint,
 )
-from tests.test_lora import random_tokens, randomise_adapters
+from tests.test_lora import (
+    check_bf16_base_trains_under_autocast_and_merges,
+    random_tokens,
+    randomise_adapters,
+)
 
 CPU = torch.device("cpu")
 RANK, ALPHA = 4, 8.0
@@ -263,30 +266,8 @@ def test_merged_qlora_model_saves_as_a_dense_model_with_the_unmerged_logits(
 def test_bf16_base_in_nf4_trains_under_autocast_and_merges_to_bf16(use_dora: bool) -> None:
     model = small_model().to(torch.bfloat16)
     apply_lora(model, lora_config(list(LORA_TARGETS), use_dora, dropout=0.1))
-    randomise_adapters(model)
     assert all(m.weight.dtype == torch.bfloat16 for m in nf4_modules(model).values())
-    tokens = random_tokens()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(tokens)
-        loss = chunked_cross_entropy(model.hidden_states(tokens), output_weight(model), tokens)
-    loss.backward()
-    assert logits.dtype == torch.bfloat16
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.dtype == torch.float32 and p.grad is not None, name
-            assert p.grad.dtype == torch.float32 and p.grad.isfinite().all(), name
-        else:
-            assert p.dtype == torch.bfloat16 and p.grad is None, name
-
-    # Without autocast too: bf16 activations meet the bf16-dequantized base.
-    model.eval()
-    with torch.no_grad():
-        plain = model(tokens)
-        merge_lora(model)
-        merged = model(tokens)
-    assert plain.dtype == torch.bfloat16
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    torch.testing.assert_close(merged, plain, rtol=0.05, atol=0.05)
+    check_bf16_base_trains_under_autocast_and_merges(model)
 
 
 @needs_torchao
