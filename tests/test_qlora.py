@@ -41,14 +41,15 @@ from tests.conftest import (
     write_checkpoint,
 )
 from tests.test_lora import (
+    ALPHA,
+    CPU,
+    PROJECTIONS,
+    RANK,
     check_bf16_base_trains_under_autocast_and_merges,
     random_tokens,
     randomise_adapters,
 )
 
-CPU = torch.device("cpu")
-RANK, ALPHA = 4, 8.0
-PROJECTIONS = [t for t in LORA_TARGETS if t != "lm_head"]
 # torchao's NF4 takes whole groups of 64 x 256 weights, so every linear here is a multiple of 16384
 # weights (SMALL_MODEL's 64-wide ones are not).
 QLORA_MODEL = ModelConfig(
