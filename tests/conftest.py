@@ -15,7 +15,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from finetune.checkpoint import save_hf
-from finetune.config import ASSETS_DIR, ModelConfig, config_dir, register_schemas
+from finetune.config import (
+    ASSETS_DIR,
+    FullFinetuneParams,
+    ModelConfig,
+    build_params,
+    config_dir,
+    register_schemas,
+)
 from finetune.model import Llama
 from finetune.tokenizer import Tokenizer
 
@@ -43,6 +50,27 @@ def compose_config(overrides: list[str]) -> DictConfig:
     register_schemas()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose("config", overrides=overrides)
+
+
+def small_params(checkpoint: Path, out: Path, *overrides: str) -> FullFinetuneParams:
+    """The params of a short run of SMALL_MODEL from `checkpoint` into `out`: sequences of 128
+    tokens, batches of 2. `overrides` come last and win; a `recipe=...` among them picks the
+    schema."""
+    recipe = [o for o in overrides if o.startswith("recipe=")]
+    rest = [o for o in overrides if not o.startswith("recipe=")]
+    return build_params(
+        compose_config(
+            [
+                *recipe,
+                *model_overrides(SMALL_MODEL),
+                f"checkpoint={checkpoint}",
+                f"output_dir={out}",
+                "max_seq_len=128",
+                "batch_size=2",
+                *rest,
+            ]
+        )
+    )
 
 
 def write_checkpoint(directory: Path, cfg: ModelConfig = SMALL_MODEL, seed: int = 0) -> Path:

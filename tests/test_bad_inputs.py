@@ -152,6 +152,12 @@ def cases(ckpt: Path) -> list[Case]:
         ),
         Case("tok_json_garbage", (*run, *good, "tokenizer={tmp}/garbage.json"), "garbage.json"),
         Case("tok_vocab", (*run, *good, "model.vocab_size=1000"), "tokenizer has 4096 tokens but"),
+        # The output directory, checked before anything is read.
+        Case(
+            "output_not_a_dir",
+            (*run, *good, "output_dir={tmp}/notes.txt/out"),
+            "output_dir={tmp}/notes.txt/out: not a writable directory (Not a directory)",
+        ),
     ]
 
 

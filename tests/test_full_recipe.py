@@ -12,22 +12,7 @@ import yaml
 from finetune.checkpoint import load_hf
 from finetune.config import FullFinetuneParams, build_params
 from finetune.recipes import full
-from tests.conftest import SMALL_MODEL, compose_config, model_overrides
-
-
-def small_params(checkpoint: Path, out: Path, *overrides: str) -> FullFinetuneParams:
-    return build_params(
-        compose_config(
-            [
-                *model_overrides(SMALL_MODEL),
-                f"checkpoint={checkpoint}",
-                f"output_dir={out}",
-                "max_seq_len=128",
-                "batch_size=2",
-                *overrides,
-            ]
-        )
-    )
+from tests.conftest import SMALL_MODEL, compose_config, small_params
 
 
 @pytest.fixture(scope="module")

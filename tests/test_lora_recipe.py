@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from finetune import training
 from finetune.checkpoint import hf_key, load_checkpoint
-from finetune.config import LoraFinetuneParams, build_params
+from finetune.config import LoraFinetuneParams
 from finetune.errors import UserError
 from finetune.lora import (
     ADAPTER_CONFIG,
@@ -27,7 +27,7 @@ from finetune.lora import (
 )
 from finetune.model import Llama
 from finetune.recipes import lora as lora_recipe
-from tests.conftest import SMALL_MODEL, compose_config, model_overrides, run_cli
+from tests.conftest import SMALL_MODEL, model_overrides, run_cli, small_params
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -39,21 +39,9 @@ DEFAULT_TARGETS = ["k_proj", "o_proj", "q_proj", "v_proj"]
 FAST = ["lr=1e-2", "warmup_steps=0"]
 
 
-def small_params(checkpoint: Path, out: Path, *overrides: str) -> LoraFinetuneParams:
-    return build_params(
-        compose_config(
-            [
-                "recipe=lora",
-                *model_overrides(SMALL_MODEL),
-                f"checkpoint={checkpoint}",
-                f"output_dir={out}",
-                "max_seq_len=128",
-                "batch_size=2",
-                f"lora.rank={RANK}",
-                f"lora.alpha={ALPHA}",
-                *overrides,
-            ]
-        )
+def small_lora_params(checkpoint: Path, out: Path, *overrides: str) -> LoraFinetuneParams:
+    return small_params(
+        checkpoint, out, "recipe=lora", f"lora.rank={RANK}", f"lora.alpha={ALPHA}", *overrides
     )
 
 
@@ -97,7 +85,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def finished_run(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lora_run")
     lora_recipe.run(
-        small_params(small_checkpoint, out, "max_steps=4", "log_every_n_steps=2", *FAST)
+        small_lora_params(small_checkpoint, out, "max_steps=4", "log_every_n_steps=2", *FAST)
     )
     return out
 
@@ -167,7 +155,9 @@ def test_merged_model_is_a_hugging_face_llama(finished_run: Path) -> None:
 def test_save_merged_false_writes_the_adapter_but_no_model(
     small_checkpoint: Path, tmp_path: Path
 ) -> None:
-    lora_recipe.run(small_params(small_checkpoint, tmp_path, "max_steps=1", "save_merged=false"))
+    lora_recipe.run(
+        small_lora_params(small_checkpoint, tmp_path, "max_steps=1", "save_merged=false")
+    )
     assert (tmp_path / "adapter" / ADAPTER_WEIGHTS).is_file()
     assert (tmp_path / "metrics.jsonl").is_file()
     assert not (tmp_path / "model").exists()
@@ -176,7 +166,7 @@ def test_save_merged_false_writes_the_adapter_but_no_model(
 def test_peft_on_the_transformers_base_matches_our_adapted_model(
     finished_run: Path, small_checkpoint: Path
 ) -> None:
-    params = small_params(small_checkpoint, finished_run)
+    params = small_lora_params(small_checkpoint, finished_run)
     ours = our_adapted_logits(params, finished_run / "adapter")
     theirs = peft_logits(small_checkpoint, finished_run / "adapter")
     base = transformers_logits(small_checkpoint)
@@ -236,7 +226,7 @@ def test_bf16_run_keeps_the_base_in_bf16_and_optimizes_only_fp32_adapters(
         training, "build_optimizer", watch_build_optimizer(training.build_optimizer)
     )
     monkeypatch.setattr(lora_recipe, "train", watch_train(lora_recipe.train))
-    params = small_params(small_checkpoint, tmp_path, "max_steps=2", "dtype=bf16", *FAST)
+    params = small_lora_params(small_checkpoint, tmp_path, "max_steps=2", "dtype=bf16", *FAST)
     loss = lora_recipe.run(params)
     assert 0 < loss < 20
 
@@ -266,9 +256,9 @@ def test_adapter_override_continues_from_a_saved_adapter(
     """Same seed, same first batch: the continued run starts from adapters already trained on it,
     so its first loss is lower than a fresh run's."""
     fresh, continued = tmp_path / "fresh", tmp_path / "continued"
-    lora_recipe.run(small_params(small_checkpoint, fresh, "max_steps=1", *FAST))
+    lora_recipe.run(small_lora_params(small_checkpoint, fresh, "max_steps=1", *FAST))
     lora_recipe.run(
-        small_params(
+        small_lora_params(
             small_checkpoint,
             continued,
             "max_steps=1",
@@ -285,7 +275,7 @@ def test_adapter_of_another_rank_is_a_user_error_naming_the_file_and_key(
     finished_run: Path, small_checkpoint: Path, tmp_path: Path
 ) -> None:
     adapter = finished_run / "adapter"
-    params = small_params(small_checkpoint, tmp_path, "lora.rank=8", f"adapter={adapter}")
+    params = small_lora_params(small_checkpoint, tmp_path, "lora.rank=8", f"adapter={adapter}")
     message = f"{adapter / ADAPTER_CONFIG}: r is {RANK} but this run's adapter has 8"
     with pytest.raises(UserError, match=re.escape(message)):
         lora_recipe.run(params)
@@ -300,7 +290,7 @@ def test_adapter_of_another_rank_is_a_user_error_naming_the_file_and_key(
 def test_peft_loads_the_adapter_of_a_variant_with_equal_logits(
     small_checkpoint: Path, tmp_path: Path, overrides: list[str]
 ) -> None:
-    params = small_params(small_checkpoint, tmp_path, "max_steps=2", *FAST, *overrides)
+    params = small_lora_params(small_checkpoint, tmp_path, "max_steps=2", *FAST, *overrides)
     lora_recipe.run(params)
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     assert config["use_dora"] is params.lora.use_dora

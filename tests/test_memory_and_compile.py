@@ -10,32 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import FullFinetuneParams, LoraConfig, build_params
+from finetune.config import FullFinetuneParams, LoraConfig
 from finetune.lora import apply_lora
 from finetune.model import Llama
 from finetune.parallel import apply_activation_checkpointing
 from finetune.recipes import full
 from finetune.recipes import lora as lora_recipe
 from finetune.training import chunked_cross_entropy, output_weight
-from tests.conftest import SMALL_MODEL, compose_config, model_overrides
+from tests.conftest import SMALL_MODEL, small_params
 
 # A high, constant learning rate, so that the three steps visibly change the weights.
-STEPS = ["max_steps=3", "lr=1e-2", "warmup_steps=0", "max_seq_len=128", "batch_size=2"]
+STEPS = ["max_steps=3", "lr=1e-2", "warmup_steps=0"]
 LORA = ["recipe=lora", "lora.rank=4", "lora.alpha=8", "lora.targets=[q_proj,v_proj,down_proj]"]
 
 
 def params(checkpoint: Path, out: Path, *overrides: str) -> FullFinetuneParams:
-    return build_params(
-        compose_config(
-            [
-                *model_overrides(SMALL_MODEL),
-                f"checkpoint={checkpoint}",
-                f"output_dir={out}",
-                *STEPS,
-                *overrides,
-            ]
-        )
-    )
+    return small_params(checkpoint, out, *STEPS, *overrides)
 
 
 def losses(run: Callable[[FullFinetuneParams], float], p: FullFinetuneParams) -> list[float]:

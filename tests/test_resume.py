@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import training
-from finetune.config import FullFinetuneParams, build_params
+from finetune.config import FullFinetuneParams
 from finetune.errors import UserError
 from finetune.recipes import full, lora
-from tests.conftest import SAMPLE_DATA, SMALL_MODEL, compose_config, model_overrides
+from tests.conftest import SAMPLE_DATA, SMALL_MODEL, model_overrides, run_cli, small_params
 
 # 14 examples in micro-batches of 2, two per optimizer step: 4 steps an epoch, the last of one
 # micro-batch. Step 3 stops mid-epoch; step 4 ends epoch 0, so 6 steps cross into epoch 1.
@@ -41,29 +41,21 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# 6 steps of two micro-batches, shuffled, over 2 epochs, with a checkpoint every 3.
+SCHEDULE = (
+    "gradient_accumulation_steps=2",
+    "shuffle=true",
+    "epochs=2",
+    "max_steps=6",
+    "save_every_n_steps=3",
+)
+
+
 def params_for(
     recipe: str, checkpoint: Path, data: Path, out: Path, *overrides: str
 ) -> FullFinetuneParams:
-    recipe_overrides = RECIPES[recipe][1]
-    return build_params(
-        compose_config(
-            [
-                *recipe_overrides[:1],  # recipe=... must come first to pick the schema
-                *model_overrides(SMALL_MODEL),
-                f"checkpoint={checkpoint}",
-                f"output_dir={out}",
-                f"dataset.path={data}",
-                "max_seq_len=128",
-                "batch_size=2",
-                "gradient_accumulation_steps=2",
-                "shuffle=true",
-                "epochs=2",
-                "max_steps=6",
-                "save_every_n_steps=3",
-                *recipe_overrides[1:],
-                *overrides,
-            ]
-        )
+    return small_params(
+        checkpoint, out, f"dataset.path={data}", *SCHEDULE, *RECIPES[recipe][1], *overrides
     )
 
 
@@ -224,3 +216,158 @@ def test_skip_nonfinite_steps_skips_the_update_and_says_so(
     )
     weights = load_file(tmp_path / "model" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# Run as `python -c KILLING_RUN WHERE NTH ARGS...`: the CLI, killed with SIGKILL during its NTH
+# checkpoint save, either halfway through writing state.pt or just before the rename.
+KILLING_RUN = """
+import os, signal, sys
+import torch
+where, nth = sys.argv[1], int(sys.argv[2])
+saves = 0
+real_save, real_replace = torch.save, os.replace
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def save(obj, f, *args, **kwargs):
+    global saves
+    saves += 1
+    if where == "write" and saves == nth:
+        f.write(b"half a checkpoint")
+        f.flush()
+        kill()
+    return real_save(obj, f, *args, **kwargs)
+
+def replace(src, dst):
+    if where == "rename" and saves == nth:
+        kill()
+    return real_replace(src, dst)
+
+torch.save, os.replace = save, replace
+sys.argv = ["finetune", *sys.argv[3:]]
+from finetune.__main__ import main
+main()
+"""
+
+
+def cli_args(checkpoint: Path, data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """The CLI form of `params_for("full", ...)`."""
+    return [
+        *model_overrides(SMALL_MODEL),
+        f"checkpoint={checkpoint}",
+        f"dataset.path={data}",
+        f"hydra.run.dir={run_dir}",
+        "max_seq_len=128",
+        "batch_size=2",
+        *SCHEDULE,
+        *RECIPES["full"][1],
+        *overrides,
+    ]
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_kill_9_during_a_save_then_resume_matches_an_uninterrupted_run(
+    where: str, small_checkpoint: Path, small_data: Path, tmp_path: Path
+) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    full.run(params_for("full", small_checkpoint, small_data, straight))
+
+    args = cli_args(small_checkpoint, small_data, killed)
+    # Saves come after steps 3, 4 (the end of epoch 0) and 6; the kill hits the second.
+    dead = subprocess.run(
+        [sys.executable, "-c", KILLING_RUN, where, "2", *args], capture_output=True, text=True
+    )
+    assert dead.returncode == -signal.SIGKILL, dead.stderr
+    assert steps_on_disk(killed) == ["step_000003", "step_000004.tmp"]
+    assert [step for step, _ in logged_losses(killed)] == [1, 2, 3, 4]
+
+    resumed = run_cli(*args, "resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {killed / 'checkpoints' / 'step_000003'} at step 3" in resumed.stdout
+    # Step 4's rows were redone, not repeated; the weights are those of the run never killed.
+    assert logged_losses(killed) == logged_losses(straight)
+    expected = load_file(straight / "model" / "model.safetensors")
+    actual = load_file(killed / "model" / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert steps_on_disk(killed) == ["step_000004", "step_000006"]
+
+
+# Run as `python -c DOUBLE_CTRL_C ARGS...`: the CLI, sent SIGINT twice during its third step.
+DOUBLE_CTRL_C = """
+import os, signal, sys, time
+from finetune import training
+real_step, calls = training.train_step, []
+
+def step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the first handler runs; two pending signals would count as one
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    return real_step(*args, **kwargs)
+
+training.train_step = step
+sys.argv = ["finetune", *sys.argv[1:]]
+from finetune.__main__ import main
+main()
+"""
+
+
+def test_a_second_ctrl_c_exits_at_once_without_saving(
+    small_checkpoint: Path, small_data: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = cli_args(small_checkpoint, small_data, run_dir, "save_every_n_steps=1")
+    result = subprocess.run(
+        [sys.executable, "-c", DOUBLE_CTRL_C, *args], capture_output=True, text=True
+    )
+
+    assert result.returncode == 128 + signal.SIGINT, result.stderr
+    latest = run_dir / "checkpoints" / "step_000002"
+    assert result.stderr.splitlines()[-2:] == [
+        "SIGINT: stopping after this step to save a checkpoint; press Ctrl-C again to stop at once",
+        f"SIGINT again: stopped at once; the latest complete checkpoint is {latest}",
+    ]
+    assert "Traceback" not in result.stderr
+    # Step 3 never finished: no checkpoint, metrics row or model of it.
+    assert steps_on_disk(run_dir) == ["step_000001", "step_000002"]
+    assert [step for step, _ in logged_losses(run_dir)] == [1, 2]
+    assert not (run_dir / "model").exists()
+
+
+def test_resume_keeps_validation_and_early_stopping_where_they_were(
+    small_checkpoint: Path, small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With this high an lr, val_loss is best at step 2 and worse at 3 and 4: patience 2 stops
+    # the run after step 4, one evaluation after the checkpoint of step 3.
+    overrides = (
+        "lr=0.1",
+        "warmup_steps=0",
+        "dataset.val_split=0.25",
+        "eval_every_n_steps=1",
+        "early_stopping_patience=2",
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight_loss = full.run(params_for("full", small_checkpoint, small_data, straight, *overrides))
+
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            full.run(params_for("full", small_checkpoint, small_data, resumed, *overrides))
+    resumed_loss = full.run(
+        params_for("full", small_checkpoint, small_data, resumed, *overrides, "resume=true")
+    )
+
+    def rows(run_dir: Path) -> list[dict]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        timings = ("elapsed_s", "tokens_per_s")
+        return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in lines]
+
+    assert rows(resumed) == rows(straight)
+    assert [r["step"] for r in rows(straight) if "val_loss" in r] == [1, 2, 3, 4]
+    assert resumed_loss == straight_loss == rows(straight)[-1]["val_loss"]
+    # The clock runs on from the checkpoint's time instead of restarting at 0.
+    elapsed = [json.loads(line)["elapsed_s"] for line in (resumed / "metrics.jsonl").open()]
+    assert elapsed == sorted(elapsed)

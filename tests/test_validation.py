@@ -11,13 +11,18 @@ import pytest
 import torch
 
 from finetune.checkpoint import load_hf
-from finetune.config import FullFinetuneParams, build_params
+from finetune.config import FullFinetuneParams
 from finetune.data import Example, load_dataset, split_examples
 from finetune.errors import ConfigError
 from finetune.recipes import full, lora
 from finetune.tokenizer import Tokenizer
 from finetune.training import evaluate
-from tests.conftest import SAMPLE_DATA, SMALL_MODEL, compose_config, model_overrides, write_jsonl
+from tests.conftest import (
+    SAMPLE_DATA,
+    SMALL_MODEL,
+    small_params,
+    write_jsonl,
+)
 
 TRAINING_ROW_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
 VAL_ROW_KEYS = {"step", "epoch", "val_loss", "val_perplexity", "elapsed_s"}
@@ -37,23 +42,17 @@ def data_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
 
 
-def small_params(
-    checkpoint: Path, out: Path, data: Path, *overrides: str, recipe: str = "full"
+def params_on(
+    data: Path, checkpoint: Path, out: Path, *overrides: str, recipe: str = "full"
 ) -> FullFinetuneParams:
-    return build_params(
-        compose_config(
-            [
-                f"recipe={recipe}",
-                *model_overrides(SMALL_MODEL),
-                f"checkpoint={checkpoint}",
-                f"output_dir={out}",
-                f"dataset.path={data}",
-                "max_seq_len=96",
-                "batch_size=2",
-                "lr=1e-3",
-                *overrides,
-            ]
-        )
+    return small_params(
+        checkpoint,
+        out,
+        f"recipe={recipe}",
+        f"dataset.path={data}",
+        "max_seq_len=96",
+        "lr=1e-3",
+        *overrides,
     )
 
 
@@ -66,10 +65,10 @@ def metrics(out: Path) -> tuple[list[dict], list[dict]]:
 def test_val_rows_are_logged_every_n_steps_and_at_the_end(
     small_checkpoint: Path, data_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    params = small_params(
+    params = params_on(
+        data_files[0],
         small_checkpoint,
         tmp_path,
-        data_files[0],
         "dataset.val_split=0.25",
         "eval_every_n_steps=2",
         "max_steps=5",
@@ -92,10 +91,10 @@ def test_progress_shows_eval_lines(
     tmp_path: Path,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    params = small_params(
+    params = params_on(
+        data_files[0],
         small_checkpoint,
         tmp_path,
-        data_files[0],
         f"dataset.val_path={data_files[1]}",
         "max_steps=2",
     )
@@ -108,10 +107,10 @@ def test_progress_shows_eval_lines(
 def test_lora_recipe_returns_the_final_val_loss_of_a_val_file(
     small_checkpoint: Path, data_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    params = small_params(
+    params = params_on(
+        data_files[0],
         small_checkpoint,
         tmp_path,
-        data_files[0],
         f"dataset.val_path={data_files[1]}",
         "max_steps=3",
         recipe="lora",
@@ -127,7 +126,7 @@ def test_lora_recipe_returns_the_final_val_loss_of_a_val_file(
 def test_without_validation_data_the_recipe_returns_the_training_loss(
     small_checkpoint: Path, data_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    returned = full.run(small_params(small_checkpoint, tmp_path, data_files[0], "max_steps=2"))
+    returned = full.run(params_on(data_files[0], small_checkpoint, tmp_path, "max_steps=2"))
     train_rows, val_rows = metrics(tmp_path)
     assert val_rows == [] and returned == train_rows[-1]["loss"]
 
@@ -139,10 +138,10 @@ def test_evaluating_does_not_change_training(
     losses = []
     for every in (1, 0):
         out = tmp_path / str(every)
-        params = small_params(
+        params = params_on(
+            data_files[0],
             small_checkpoint,
             out,
-            data_files[0],
             "dataset.val_split=0.25",
             f"eval_every_n_steps={every}",
             "max_steps=4",
@@ -157,7 +156,7 @@ def test_evaluating_does_not_change_training(
 def test_evaluate_restores_train_mode_and_is_a_token_weighted_mean(
     small_checkpoint: Path, data_files: tuple[Path, Path], tmp_path: Path, tokenizer: Tokenizer
 ) -> None:
-    params = small_params(small_checkpoint, tmp_path, data_files[1])
+    params = params_on(data_files[1], small_checkpoint, tmp_path)
     examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
     model = load_hf(SMALL_MODEL, small_checkpoint, torch.device("cpu"), torch.float32)
     model.train()
@@ -203,10 +202,10 @@ def test_early_stopping_stops_when_val_loss_stops_improving(
 ) -> None:
     val_losses = iter([3.0, 2.0, 2.5, 2.1, 1.0])
     monkeypatch.setattr("finetune.training.evaluate", lambda *args: next(val_losses))
-    params = small_params(
+    params = params_on(
+        data_files[0],
         small_checkpoint,
         tmp_path,
-        data_files[0],
         "dataset.val_split=0.25",
         "eval_every_n_steps=1",
         "early_stopping_patience=2",
@@ -242,7 +241,7 @@ def test_invalid_validation_settings_are_rejected_by_name(
 ) -> None:
     filled = [o.format(val=data_files[1]) for o in overrides]
     with pytest.raises(ConfigError) as error:
-        small_params(small_checkpoint, tmp_path, data_files[0], *filled)
+        params_on(data_files[0], small_checkpoint, tmp_path, *filled)
     assert error.value.key == key
 
 
@@ -252,4 +251,4 @@ def test_val_path_must_be_a_data_file(
     wrong = tmp_path / "val.txt"
     wrong.write_text("not data\n")
     with pytest.raises(ConfigError, match=r"dataset\.val_path: expected a \.json"):
-        small_params(small_checkpoint, tmp_path, data_files[0], f"dataset.val_path={wrong}")
+        params_on(data_files[0], small_checkpoint, tmp_path, f"dataset.val_path={wrong}")

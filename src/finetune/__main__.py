@@ -89,6 +89,11 @@ def main() -> None:
         _task()
     except _USER_ERRORS as error:
         exit_with(error)
+    except OSError as error:  # e.g. Hydra creating an output directory where it cannot
+        exit_with(error)
+    except KeyboardInterrupt:  # outside the training loop, where Ctrl-C needs no checkpoint
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     if sweep.failure_message is not None:
         print(f"error: {sweep.failure_message}", file=sys.stderr)
         sys.exit(1)
@@ -110,6 +115,8 @@ def describe(error: BaseException) -> str:
         group = str(error.missing_cfg_file).rpartition("/")[0]
         option = str(error.missing_cfg_file).rpartition("/")[2]
         return f"{group}={option}: no such option; available: {', '.join(error.options)}"
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: {error.strerror}"
     cause = error.__cause__
     if isinstance(error, HydraException) and isinstance(cause, OmegaConfBaseException):
         error = cause

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,12 +26,18 @@ class MetricsLog:
         self.bar: tqdm | None = None
         self.started = self.last_write = 0.0
 
-    def start(self) -> None:
+    def start(self, elapsed_before: float = 0.0) -> None:
+        """Start the clock; a resumed run passes the training time of the run it continues, so
+        that `elapsed_s` runs on rather than restarting at 0."""
         if sys.stdout.isatty():
             self.bar = tqdm(total=self.total_steps, unit="step", dynamic_ncols=True)
         else:
             print("training started", flush=True)
-        self.started = self.last_write = time.perf_counter()
+        self.last_write = time.perf_counter()
+        self.started = self.last_write - elapsed_before
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
     def write(
         self, step: int, epoch: int, loss: float, lr: float, grad_norm: float, n_tokens: int
@@ -99,6 +106,21 @@ class MetricsLog:
 def perplexity(loss: float) -> float:
     """exp(loss); infinite rather than an OverflowError when a diverged run's loss is huge."""
     return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Remove the rows of steps after `step`: a run resumed from step's checkpoint redoes them, and
+    rows of the interrupted attempt would otherwise appear twice."""
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8") as f:
+        lines = f.readlines()
+    # A kill mid-write can leave a last line without its newline; it is dropped with the rest.
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict]:

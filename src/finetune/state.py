@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import UserError
+from finetune.outputs import atomic_directory
 
 STATE_FILE = "state.pt"
 CHECKPOINTS_DIR = "checkpoints"
@@ -40,6 +41,12 @@ class TrainingState:
     tokens_seen: int = 0
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient
     n_examples: int = 0  # the training set's size, to refuse a checkpoint of other data
+    elapsed_s: float = 0.0  # training time so far, so metrics' elapsed_s runs on after a resume
+    # Validation and early stopping: the last val_loss, the best one, and the evaluations since.
+    val_loss: float = math.nan
+    best_val_loss: float = math.inf
+    best_step: int = 0
+    evals_without_improvement: int = 0
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -83,11 +90,8 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainingState,
 ) -> None:
-    """Write `directory` atomically: into `<name>.tmp/`, then renamed, so a kill at any moment
-    leaves either the complete new checkpoint or none (and the previous ones untouched)."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
-    tmp.mkdir(parents=True)
+    """Write `directory` atomically (see `atomic_directory`): a kill at any moment leaves either
+    the complete new checkpoint or none, and the previous ones untouched."""
     payload = {
         "format": FORMAT_VERSION,
         "recipe": recipe,
@@ -96,19 +100,11 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "training": asdict(state),
     }
-    with (tmp / STATE_FILE).open("wb") as f:
+    with atomic_directory(directory) as tmp, (tmp / STATE_FILE).open("wb") as f:
         torch.save(payload, f)
         f.flush()
         # Renamed before the bytes reach the disk, a power cut could leave an empty state.pt.
         os.fsync(f.fileno())
-    if directory.exists():  # resumed from an older checkpoint: this step is being redone
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

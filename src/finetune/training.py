@@ -5,22 +5,31 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import torch
 from omegaconf import OmegaConf
 
 from finetune.checkpoint import save_hf
-from finetune.config import RECIPE_PARAMS, Device, DType, FullFinetuneParams, OutputFormat
+from finetune.config import (
+    RECIPE_PARAMS,
+    Device,
+    DType,
+    FullFinetuneParams,
+    LoraFinetuneParams,
+    OutputFormat,
+)
 from finetune.data import (
     IGNORE_INDEX,
     Batch,
@@ -33,11 +42,13 @@ from finetune.data import (
 from finetune.errors import UserError
 from finetune.lora import output_weight
 from finetune.meta_format import save_meta
-from finetune.metrics import MetricsLog
+from finetune.metrics import MetricsLog, drop_rows_after
 from finetune.model import Llama, count_parameters
+from finetune.outputs import atomic_directory, check_free_space, check_writable
 from finetune.state import (
     TrainingState,
     capture_rng,
+    checkpoint_dirs,
     find_checkpoint,
     load_checkpoint_state,
     prune_checkpoints,
@@ -48,6 +59,7 @@ from finetune.state import (
 from finetune.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+P = TypeVar("P", bound=FullFinetuneParams)
 
 # Logits held at once by the chunked loss: 2**25 fp32 values are 128 MiB (4096 tokens at 8k vocab,
 # 1048 tokens at Llama-2's 32k).
@@ -56,8 +68,7 @@ LOGITS_PER_CHUNK = 2**25
 
 def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
     """What every recipe does first: seed, pick the device, tokenize the data."""
-    out_dir = Path(params.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(Path(params.output_dir))
     seed_everything(params.seed)
     device = resolve_device(params.device)
     tokenizer = Tokenizer(Path(params.tokenizer))
@@ -85,20 +96,59 @@ def save_model(
 ) -> None:
     """The model in Hugging Face format (and Meta's with output_format=meta), in the run's dtype."""
     dtype = torch.bfloat16 if params.dtype is DType.bf16 else torch.float32
-    save_hf(
-        model,
-        out_dir,
-        tokenizer=tokenizer.path,
-        bos_id=tokenizer.bos_id,
-        eos_id=tokenizer.eos_id,
-        dtype=dtype,
-        max_shard_bytes=params.max_shard_size_mb * 1_000_000,
-    )
+    # Atomic, so a rerun in the same directory that fails (disk full) keeps the earlier model.
+    with atomic_directory(out_dir) as tmp:
+        save_hf(
+            model,
+            tmp,
+            tokenizer=tokenizer.path,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            dtype=dtype,
+            max_shard_bytes=params.max_shard_size_mb * 1_000_000,
+        )
     log.info("model saved to %s", out_dir)
     if params.output_format is OutputFormat.meta:
         meta_dir = out_dir.with_name(out_dir.name + "_meta")
-        save_meta(model, meta_dir, tokenizer.path, dtype)
+        with atomic_directory(meta_dir) as tmp:
+            save_meta(model, tmp, tokenizer.path, dtype)
         log.info("Meta format copy saved to %s", meta_dir)
+
+
+def explains_out_of_memory(run: Callable[[P], float]) -> Callable[[P], float]:
+    """Turn a recipe's GPU out-of-memory error into one line naming the settings that lower
+    memory. Checkpoints already saved stay as they are."""
+
+    @wraps(run)
+    def recipe(params: P) -> float:
+        try:
+            return run(params)
+        except torch.OutOfMemoryError as error:
+            raise UserError(out_of_memory_message(params, str(error))) from None
+
+    return recipe
+
+
+def out_of_memory_message(params: FullFinetuneParams, error: str) -> str:
+    tried = re.search(r"Tried to allocate [\d.]+ \w+", error)
+    what = f"out of GPU memory ({tried.group(0)})" if tried else "out of GPU memory"
+    tips = []
+    if params.batch_size > 1:
+        tips.append(
+            f"batch_size={params.batch_size // 2} with "
+            f"gradient_accumulation_steps={params.gradient_accumulation_steps * 2} "
+            "(the same effective batch)"
+        )
+    if not params.activation_checkpointing:
+        tips.append("activation_checkpointing=true")
+    if params.dtype is not DType.bf16:
+        tips.append("dtype=bf16")
+    if not isinstance(params, LoraFinetuneParams):
+        tips.append("recipe=lora")
+    elif not params.lora.quantize_base:
+        tips.append("lora.quantize_base=true")
+    tips.append(f"a max_seq_len below {params.max_seq_len}")
+    return f"{what}; settings that lower memory: {', '.join(tips)}"
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -350,21 +400,20 @@ def evaluate(
     return float(loss_sum) / n_targets
 
 
-@dataclass
-class EarlyStopping:
-    """Counts validation passes since val_loss last improved; patience 0 never stops."""
-
-    patience: int
-    best: float = math.inf
-    best_step: int = 0
-    passes_without_improvement: int = 0
-
-    def should_stop(self, step: int, val_loss: float) -> bool:
-        if val_loss < self.best:
-            self.best, self.best_step, self.passes_without_improvement = val_loss, step, 0
-        else:
-            self.passes_without_improvement += 1
-        return 0 < self.patience <= self.passes_without_improvement
+def should_stop_early(state: TrainingState, val_loss: float, patience: int) -> bool:
+    """Record a validation pass after `state.step`; True once `patience` passes in a row have not
+    improved on the best val_loss (patience 0 never stops). The counters live in the checkpointed
+    state, so a resumed run stops where an uninterrupted one would."""
+    state.val_loss = val_loss
+    if val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step, state.evals_without_improvement = (
+            val_loss,
+            state.step,
+            0,
+        )
+    else:
+        state.evals_without_improvement += 1
+    return 0 < patience <= state.evals_without_improvement
 
 
 def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad_id: int) -> float:
@@ -385,9 +434,12 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     state = TrainingState(n_examples=len(examples))
     if params.resume.lower() not in ("", "false"):
         state = resume(params, recipe, model, optimizer, scheduler, len(examples))
-    # Appends: a resumed run continues the rows of the run it resumes.
-    log = MetricsLog(output_dir / "metrics.jsonl", total_steps=steps)
-    stopping = EarlyStopping(params.early_stopping_patience)
+    check_free_space(model, params, steps)
+    metrics_path = output_dir / "metrics.jsonl"
+    # A resumed run continues the rows of the run it resumes, less those of the steps it redoes;
+    # a new run in an old run's directory starts the file afresh.
+    drop_rows_after(metrics_path, state.step)
+    log = MetricsLog(metrics_path, total_steps=steps)
     batches_per_epoch = math.ceil(len(examples) / params.batch_size)
 
     def save(epoch_ended: bool, stopping_now: bool) -> Path | None:
@@ -396,7 +448,11 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             return None
         directory = step_dir(output_dir, state.step)
         state.rng = capture_rng()
-        save_checkpoint(directory, recipe, model, optimizer, scheduler, state)
+        state.elapsed_s = log.elapsed()
+        try:
+            save_checkpoint(directory, recipe, model, optimizer, scheduler, state)
+        except UserError as error:
+            raise UserError(f"{error}; {latest_checkpoint_note(output_dir)}") from None
         prune_checkpoints(output_dir, params.keep_last_n)
         return directory
 
@@ -410,13 +466,13 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     # leaves an earlier run's params.yaml in the same directory as it was.
     (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
     model.train()
-    log.start()
+    log.start(elapsed_before=state.elapsed_s)
     if state.rng:
         # Last, so that the next dropout mask is the one the interrupted run would have drawn.
         restore_rng(state.rng)
-    loss, val_loss, tokens_since_log = math.nan, math.nan, 0
+    loss, tokens_since_log = math.nan, 0
     data = optimizer_steps(examples, params, pad_id, state.epoch, state.batch_index)
-    stop = StopRequest()
+    stop = StopRequest(output_dir)
     with stop.installed():
         for epoch, micro_batches in data:
             if state.step >= steps:  # resumed from the last step: nothing left to do
@@ -437,13 +493,13 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             every = params.eval_every_n_steps
             if val_examples and (step == steps or (every and step % every == 0)):
                 val_loss = validate(step, epoch)
-                if stopping.should_stop(step, val_loss):
+                if should_stop_early(state, val_loss, params.early_stopping_patience):
                     if tokens_since_log:  # the last step's row, which log_every_n_steps skipped
                         log.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
                     log.say(
                         f"early stopping at step {step}/{steps}: val_loss has not improved on "
-                        f"{stopping.best:.4f} (step {stopping.best_step}) for "
-                        f"{stopping.patience} evaluations"
+                        f"{state.best_val_loss:.4f} (step {state.best_step}) for "
+                        f"{params.early_stopping_patience} evaluations"
                     )
                     break
             # A signal during the last step lets the run finish: its end is as near as a checkpoint.
@@ -455,7 +511,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             if step == steps:
                 break
     log.close()
-    return val_loss if val_examples else loss
+    return state.val_loss if val_examples else loss
 
 
 def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFinetuneParams) -> str:
@@ -469,6 +525,13 @@ def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFin
             "check the data, or set skip_nonfinite_steps=N"
         )
     return f"{what} is not finite; skipped the update ({skipped}/{allowed} allowed)"
+
+
+def latest_checkpoint_note(output_dir: Path) -> str:
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        return "no checkpoint of this run was saved before"
+    return f"the latest complete checkpoint is {found[-1]}"
 
 
 def recipe_name(params: FullFinetuneParams) -> str:
@@ -516,10 +579,11 @@ class StopRequest:
     """SIGINT/SIGTERM (Ctrl-C, SLURM preemption) ask the loop to stop after the current step.
 
     Stopping mid-step would leave a half-accumulated gradient that no checkpoint can hold; a
-    second signal is a user who will not wait, and stops at once.
+    second signal is a user who will not wait, and exits at once, saving nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
         self.signum: int | None = None
 
     @contextmanager
@@ -539,11 +603,17 @@ class StopRequest:
                 signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if self.signum is not None:
-            raise KeyboardInterrupt
+            print(
+                f"{name} again: stopped at once; {latest_checkpoint_note(self.output_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(128 + signum)
         self.signum = signum
         print(
-            f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint; "
+            f"{name}: stopping after this step to save a checkpoint; "
             "press Ctrl-C again to stop at once",
             file=sys.stderr,
             flush=True,

@@ -10,9 +10,10 @@ from finetune.checkpoint import load_checkpoint
 from finetune.config import FullFinetuneParams
 from finetune.metrics import plot_metrics
 from finetune.parallel import prepare_model
-from finetune.training import log_model, save_model, start_run, train
+from finetune.training import explains_out_of_memory, log_model, save_model, start_run, train
 
 
+@explains_out_of_memory
 def run(params: FullFinetuneParams) -> float:
     """Fine-tune `params.checkpoint` on `params.dataset`; returns the final validation loss
     (the training loss when there is no validation data)."""

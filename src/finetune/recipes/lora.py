@@ -16,10 +16,12 @@ from finetune.checkpoint import load_checkpoint
 from finetune.config import DType, LoraFinetuneParams
 from finetune.lora import apply_lora, load_adapter, merge_lora, save_adapter
 from finetune.metrics import plot_metrics
+from finetune.outputs import atomic_directory
 from finetune.parallel import prepare_model
-from finetune.training import log_model, save_model, start_run, train
+from finetune.training import explains_out_of_memory, log_model, save_model, start_run, train
 
 
+@explains_out_of_memory
 def run(params: LoraFinetuneParams) -> float:
     """Train adapters on `params.checkpoint`; returns the final validation loss (the training
     loss when there is no validation data)."""
@@ -37,7 +39,8 @@ def run(params: LoraFinetuneParams) -> float:
     final_loss = train(model, examples, params, tokenizer.pad_id)
 
     out_dir = Path(params.output_dir)
-    save_adapter(model, out_dir / "adapter", params.checkpoint, params.lora)
+    with atomic_directory(out_dir / "adapter") as tmp:
+        save_adapter(model, tmp, params.checkpoint, params.lora)
     if params.save_merged:
         merge_lora(model)
         save_model(model, params, tokenizer, out_dir / "model")

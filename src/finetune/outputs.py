@@ -1,0 +1,113 @@
+"""Writing a run's outputs without losing earlier ones: atomic directories and up-front checks
+that the output directory is writable and has room for what the run will write."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from finetune.config import DType, FullFinetuneParams, LoraFinetuneParams, OutputFormat
+from finetune.errors import UserError
+from finetune.model import Llama, count_parameters
+
+
+@contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `directory` that replaces it once the block succeeds.
+
+    A kill at any moment leaves either the complete new directory or the old one (plus a
+    `.tmp`/`.old` leftover that the next write clears). A write that fails, e.g. on a full disk,
+    removes its partial files and raises a `UserError`; what `directory` held is kept.
+    """
+    tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed write
+        tmp.mkdir(parents=True)
+        yield tmp
+        if directory.exists():
+            # Directories cannot be renamed over one another, so the old one steps aside first.
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = error.strerror or str(error)
+        if error.filename and not str(error.filename).startswith(str(tmp)):
+            reason = f"{error.filename}: {reason}"  # e.g. a file copied in went missing
+        kept = "its previous contents are kept" if directory.exists() else "nothing was written"
+        raise UserError(f"{directory}: could not write it ({reason}); {kept}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_writable(directory: Path, key: str = "output_dir") -> None:
+    """Create `directory` if needed and prove a file can be written in it, before any work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"{key}={directory}: not a writable directory ({error.strerror or error})"
+        ) from None
+
+
+def check_free_space(model: Llama, params: FullFinetuneParams, steps: int) -> None:
+    """Refuse to start a run whose checkpoints and final model would not fit on the disk.
+
+    An estimate from the parameter counts, erring high: it counts the checkpoint being written
+    while `keep_last_n` others still exist, and ignores what a resumed run already wrote.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Each trainable weight is saved with AdamW's two fp32 moments.
+    checkpoint = sum(p.numel() * (p.element_size() + 8) for p in trainable)
+    n_checkpoints = checkpoints_at_once(params, steps)
+    final = final_model_bytes(model, params)
+    needed = n_checkpoints * checkpoint + final
+    output_dir = Path(params.output_dir)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise UserError(
+            f"output_dir={output_dir}: {gigabytes(free)} free on its disk, but the run writes "
+            f"about {gigabytes(needed)} ({n_checkpoints} checkpoints of {gigabytes(checkpoint)} "
+            f"and {gigabytes(final)} of model); free space, lower keep_last_n, or choose "
+            "another hydra.run.dir"
+        )
+
+
+def checkpoints_at_once(params: FullFinetuneParams, steps: int) -> int:
+    """The most training-state checkpoints on disk at one time during the run."""
+    every = params.save_every_n_steps
+    if not every:
+        return 0
+    saves = steps // every + params.epochs  # every n steps, and at each epoch's end
+    # Pruning happens after a save, so keep_last_n + 1 exist for a moment.
+    return min(saves, params.keep_last_n + 1) if params.keep_last_n else saves
+
+
+def final_model_bytes(model: Llama, params: FullFinetuneParams) -> int:
+    """The size of the model directories the run ends by writing."""
+    with torch.device("meta"):  # the unquantized, unadapted model's size, without memory
+        n_weights = count_parameters(Llama(model.cfg))
+    model_bytes = n_weights * (2 if params.dtype is DType.bf16 else 4)
+    if params.output_format is OutputFormat.meta:
+        model_bytes *= 2
+    if not isinstance(params, LoraFinetuneParams):
+        return model_bytes
+    adapter = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return adapter + (model_bytes if params.save_merged else 0)
+
+
+def gigabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB"
