@@ -97,6 +97,7 @@ def cases(ckpt: Path) -> list[Case]:
         ),
         Case("ckpt_missing", ("checkpoint=/no/such/dir",), "checkpoint: directory not found"),
         Case("adapter_missing", ("recipe=lora", "adapter=/no/d"), "adapter: directory not found"),
+        Case("resume_missing", ("resume=/no/run",), "resume: directory not found: /no/run"),
         # Data rows: found while reading the data, before the model is loaded.
         Case(
             "row_field", (*run, "dataset.path={tmp}/missing_field.jsonl"), "missing_field.jsonl:2"
