@@ -4,18 +4,29 @@ Each ends in one clear line, and what was saved before stays as it was."""
 from __future__ import annotations
 
 import errno
+import io
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from finetune import checkpoint, outputs, state, training
 from finetune.errors import UserError
 from finetune.lora import apply_lora
 from finetune.model import Llama
-from finetune.outputs import checkpoints_at_once, final_model_bytes
+from finetune.outputs import (
+    atomic_directory,
+    check_free_space,
+    checkpoints_at_once,
+    final_model_bytes,
+    write_error,
+)
 from finetune.recipes import full, lora
+from finetune.state import checkpoint_dirs
 from tests.conftest import SMALL_MODEL, run_cli, small_params
 
 TORCH_OOM = (
@@ -43,6 +54,15 @@ def test_out_of_memory_names_every_setting_that_lowers_memory(
         "batch_size=4 with gradient_accumulation_steps=2 (the same effective batch), "
         "activation_checkpointing=true, dtype=bf16, recipe=lora, a max_seq_len below 128"
     )
+
+
+def test_out_of_memory_keeps_an_odd_batch_whole(
+    small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_out_of_memory(monkeypatch)
+    params = small_params(small_checkpoint, tmp_path, "batch_size=3")
+    with pytest.raises(UserError, match="batch_size=1 with gradient_accumulation_steps=3 \\("):
+        full.run(params)
 
 
 def test_out_of_memory_leaves_out_settings_already_in_use(
@@ -78,11 +98,15 @@ def test_a_run_that_cannot_fit_on_the_disk_stops_before_training(
         full.run(params)
     assert str(error.value) == (
         f"output_dir={tmp_path}: 0.00 GB free on its disk, but the run writes about "
-        f"{(3 * 12 + 4) * n_weights / 1e9:.2f} GB (3 checkpoints of "
+        f"{(3 * 12 + 4) * n_weights / 1e9:.2f} GB (3 new checkpoint(s) of "
         f"{12 * n_weights / 1e9:.2f} GB and {4 * n_weights / 1e9:.2f} GB of model); free space, "
         "lower keep_last_n, or choose another hydra.run.dir"
     )
     assert not (tmp_path / "params.yaml").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+    # Resuming, the checkpoints already on disk are part of those that exist at once.
+    with pytest.raises(UserError, match=r"\(1 new checkpoint\(s\) of"):
+        check_free_space(Llama(SMALL_MODEL), params, 10, checkpoints_on_disk=2)
 
 
 @pytest.mark.parametrize(
@@ -124,16 +148,60 @@ def test_final_model_bytes(
     assert final_model_bytes(model, params) == bytes_per_weight * n_weights + adapter
 
 
+class DiskWithRoom(io.RawIOBase):
+    """A file on a disk with `room` bytes left: writes fill it, then fail with ENOSPC."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if self.room == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(data), self.room)
+        self.room -= n
+        return n
+
+
+def torch_save_onto_a_full_disk(obj: object) -> None:
+    """What torch.save does when the disk fills: a RuntimeError raised while handling ENOSPC."""
+    real_torch_save(obj, io.BufferedWriter(DiskWithRoom(1000)))
+
+
+real_torch_save = torch.save
+
+
+def test_write_error_finds_the_os_error_behind_torch_and_safetensors(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError) as torch_error:
+        torch_save_onto_a_full_disk({"w": torch.zeros(10_000)})
+    found = write_error(torch_error.value)
+    assert found is not None and found.errno == errno.ENOSPC
+
+    with pytest.raises(SafetensorError) as safetensors_error:
+        save_file({"w": torch.zeros(10)}, tmp_path / "no_such_dir" / "w.safetensors")
+    found = write_error(safetensors_error.value)
+    assert found is not None and found.strerror == "No such file or directory"
+
+    assert write_error(ValueError("a bug, not a write")) is None
+
+
 def fail_writes_after(monkeypatch: pytest.MonkeyPatch, module: object, name: str, n: int) -> None:
-    """Make `module.name` (a function that writes a file) fail with ENOSPC after `n` calls."""
+    """Let `module.name` (a function that writes a file) work `n` times, then fail as it does
+    when the disk is full."""
     real = getattr(module, name)
     calls = []
 
-    def write(*args: object, **kwargs: object) -> object:
+    def write(obj: object, *args: object, **kwargs: object) -> object:
         calls.append(1)
-        if len(calls) > n:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
+        if len(calls) <= n:
+            return real(obj, *args, **kwargs)
+        if name == "save_file":  # safetensors' own report of the failed write
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+        return torch_save_onto_a_full_disk(obj)
 
     monkeypatch.setattr(module, name, write)
 
@@ -170,6 +238,55 @@ def test_a_full_disk_while_saving_the_model_keeps_the_earlier_model(
     )
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("model")) == ["model"]
+
+
+def test_an_interrupted_replacement_keeps_the_old_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(src: Path, dst: Path) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the old directory is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("new")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (target / "weights").read_text() == "old"
+
+    # A kill -9 at that instant leaves the old contents under model.old: the next write, and
+    # the next listing of checkpoints, put them back first.
+    os.replace(target, tmp_path / "model.old")
+    with pytest.raises(RuntimeError), atomic_directory(target):
+        raise RuntimeError("the new write fails too")
+    assert (target / "weights").read_text() == "old"
+    step = tmp_path / "checkpoints" / "step_000003"
+    step.mkdir(parents=True)
+    (step / "state.pt").write_text("")
+    os.replace(step, step.with_name("step_000003.old"))
+    assert checkpoint_dirs(tmp_path) == [step]
+
+
+def test_a_new_run_refuses_a_directory_with_another_runs_checkpoints(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    full.run(small_params(small_checkpoint, tmp_path, "max_steps=4", "save_every_n_steps=2"))
+    with pytest.raises(UserError) as error:
+        full.run(small_params(small_checkpoint, tmp_path, "max_steps=4"))
+    assert str(error.value) == (
+        f"{tmp_path / 'checkpoints'}: holds checkpoints of an earlier run (up to step_000004); "
+        "resume=true continues that run, or run in another hydra.run.dir"
+    )
+    older = tmp_path / "checkpoints" / "step_000002"
+    with pytest.raises(UserError, match="checkpoints of steps after 2, which this run would redo"):
+        full.run(small_params(small_checkpoint, tmp_path, "max_steps=4", f"resume={older}"))
 
 
 def test_an_output_directory_hydra_cannot_create_is_one_line(tmp_path: Path) -> None:

@@ -328,7 +328,7 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(
     latest = run_dir / "checkpoints" / "step_000002"
     assert result.stderr.splitlines()[-2:] == [
         "SIGINT: stopping after this step to save a checkpoint; press Ctrl-C again to stop at once",
-        f"SIGINT again: stopped at once; the latest complete checkpoint is {latest}",
+        f"SIGINT, a second signal: stopped at once; the latest complete checkpoint is {latest}",
     ]
     assert "Traceback" not in result.stderr
     # Step 3 never finished: no checkpoint, metrics row or model of it.

@@ -89,8 +89,10 @@ def main() -> None:
         _task()
     except _USER_ERRORS as error:
         exit_with(error)
-    except OSError as error:  # e.g. Hydra creating an output directory where it cannot
-        exit_with(error)
+    except OSError as error:
+        if not error.filename:  # not a file the user named: a bug, shown with its traceback
+            raise
+        exit_with(error)  # e.g. Hydra creating hydra.run.dir where it cannot
     except KeyboardInterrupt:  # outside the training loop, where Ctrl-C needs no checkpoint
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -313,7 +313,9 @@ def save_meta(
     out_dir.mkdir(parents=True, exist_ok=True)
     state = meta_state_dict(model, dtype)
     for index, shard in enumerate(split_into_shards(state, n_shards)):
-        torch.save({key: _compact(t) for key, t in shard.items()}, out_dir / shard_name(index))
+        # Through a file object: a failed write then surfaces as its OSError (see write_error).
+        with (out_dir / shard_name(index)).open("wb") as f:
+            torch.save({key: _compact(t) for key, t in shard.items()}, f)
     (out_dir / PARAMS_FILE).write_text(json.dumps(params_json(model.cfg), indent=2) + "\n")
     # Meta ships tokenizer.model; a tokenizer.json (not Meta's format) keeps its own name.
     target = out_dir / ("tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model")

@@ -116,7 +116,11 @@ def drop_rows_after(path: Path, step: int) -> None:
     with path.open(encoding="utf-8") as f:
         lines = f.readlines()
     # A kill mid-write can leave a last line without its newline; it is dropped with the rest.
-    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    kept = [
+        line
+        for line in lines
+        if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= step
+    ]
     if len(kept) < len(lines):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")

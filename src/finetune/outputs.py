@@ -4,6 +4,7 @@ that the output directory is writable and has room for what the run will write."
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,14 +22,16 @@ from finetune.model import Llama, count_parameters
 def atomic_directory(directory: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `directory` that replaces it once the block succeeds.
 
-    A kill at any moment leaves either the complete new directory or the old one (plus a
-    `.tmp`/`.old` leftover that the next write clears). A write that fails, e.g. on a full disk,
-    removes its partial files and raises a `UserError`; what `directory` held is kept.
+    A kill at any moment leaves the complete new directory or the old one, possibly under
+    `<name>.old` for the instant between two renames, which `restore_interrupted` puts back. A
+    write that fails, e.g. on a full disk, removes its partial files and raises a `UserError`;
+    what `directory` held is kept.
     """
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
+    restore_interrupted(directory)
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed write
     try:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed write
         tmp.mkdir(parents=True)
         yield tmp
         if directory.exists():
@@ -36,19 +39,45 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
             os.replace(tmp, directory)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = error.strerror or str(error)
-        if error.filename and not str(error.filename).startswith(str(tmp)):
-            reason = f"{error.filename}: {reason}"  # e.g. a file copied in went missing
+        restore_interrupted(directory)
+        cause = write_error(error) if isinstance(error, Exception) else None
+        if cause is None:
+            raise
+        reason = cause.strerror or str(cause)
+        if cause.filename and not str(cause.filename).startswith(str(tmp)):
+            reason = f"{cause.filename}: {reason}"  # e.g. a file copied in went missing
         kept = "its previous contents are kept" if directory.exists() else "nothing was written"
         raise UserError(f"{directory}: could not write it ({reason}); {kept}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def restore_interrupted(directory: Path) -> None:
+    """Put back `directory` if a write was stopped between moving it aside and renaming the new
+    one in: the old contents are then complete under `<name>.old`."""
+    old = directory.with_name(directory.name + ".old")
+    if old.is_dir() and not directory.exists():
+        os.replace(old, directory)
+
+
+def write_error(error: Exception) -> OSError | None:
+    """The operating system's error behind a failed write, if that is what `error` is.
+
+    torch.save reports a failed write to a file object as a RuntimeError raised while handling
+    the OSError; safetensors puts it in its message as "(os error N)".
+    """
+    seen: Exception | BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    if found := re.search(r"\(os error (\d+)\)", str(error)):
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
 
 
 def check_writable(directory: Path, key: str = "output_dir") -> None:
@@ -63,16 +92,20 @@ def check_writable(directory: Path, key: str = "output_dir") -> None:
         ) from None
 
 
-def check_free_space(model: Llama, params: FullFinetuneParams, steps: int) -> None:
+def check_free_space(
+    model: Llama, params: FullFinetuneParams, steps: int, checkpoints_on_disk: int
+) -> None:
     """Refuse to start a run whose checkpoints and final model would not fit on the disk.
 
     An estimate from the parameter counts, erring high: it counts the checkpoint being written
-    while `keep_last_n` others still exist, and ignores what a resumed run already wrote.
+    while `keep_last_n` others still exist (less the `checkpoints_on_disk` a resumed run already
+    has, which those replace), and the final model in full, as an earlier one stays until the new
+    one is complete.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Each trainable weight is saved with AdamW's two fp32 moments.
     checkpoint = sum(p.numel() * (p.element_size() + 8) for p in trainable)
-    n_checkpoints = checkpoints_at_once(params, steps)
+    n_checkpoints = max(0, checkpoints_at_once(params, steps) - checkpoints_on_disk)
     final = final_model_bytes(model, params)
     needed = n_checkpoints * checkpoint + final
     output_dir = Path(params.output_dir)
@@ -80,9 +113,9 @@ def check_free_space(model: Llama, params: FullFinetuneParams, steps: int) -> No
     if free < needed:
         raise UserError(
             f"output_dir={output_dir}: {gigabytes(free)} free on its disk, but the run writes "
-            f"about {gigabytes(needed)} ({n_checkpoints} checkpoints of {gigabytes(checkpoint)} "
-            f"and {gigabytes(final)} of model); free space, lower keep_last_n, or choose "
-            "another hydra.run.dir"
+            f"about {gigabytes(needed)} ({n_checkpoints} new checkpoint(s) of "
+            f"{gigabytes(checkpoint)} and {gigabytes(final)} of model); free space, lower "
+            "keep_last_n, or choose another hydra.run.dir"
         )
 
 

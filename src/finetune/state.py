@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import UserError
-from finetune.outputs import atomic_directory
+from finetune.outputs import atomic_directory, restore_interrupted
 
 STATE_FILE = "state.pt"
 CHECKPOINTS_DIR = "checkpoints"
@@ -112,6 +112,8 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
+    for moved in root.glob("step_*.old"):  # a save killed between its two renames
+        restore_interrupted(moved.with_suffix(""))
     found = [
         d for d in root.iterdir() if _STEP_DIR.fullmatch(d.name) and (d / STATE_FILE).is_file()
     ]
@@ -123,6 +125,23 @@ def prune_checkpoints(output_dir: Path, keep_last_n: int) -> None:
     if keep_last_n:
         for old in checkpoint_dirs(output_dir)[:-keep_last_n]:
             shutil.rmtree(old)
+
+
+def check_no_later_checkpoints(output_dir: Path, step: int) -> None:
+    """Refuse to start (step 0) or resume (from `step`) where checkpoints of later steps exist.
+
+    They belong to another run, or to the later part of the one being resumed; keeping them would
+    make `keep_last_n` delete this run's newer saves and `resume=true` pick theirs.
+    """
+    later = [d for d in checkpoint_dirs(output_dir) if int(d.name.removeprefix("step_")) > step]
+    if not later:
+        return
+    what = "an earlier run" if step == 0 else f"steps after {step}, which this run would redo"
+    hint = "resume=true continues that run" if step == 0 else "delete them to go back"
+    raise UserError(
+        f"{output_dir / CHECKPOINTS_DIR}: holds checkpoints of {what} (up to {later[-1].name}); "
+        f"{hint}, or run in another hydra.run.dir"
+    )
 
 
 def find_checkpoint(resume: str, output_dir: Path) -> Path:

@@ -48,6 +48,7 @@ from finetune.outputs import atomic_directory, check_free_space, check_writable
 from finetune.state import (
     TrainingState,
     capture_rng,
+    check_no_later_checkpoints,
     checkpoint_dirs,
     find_checkpoint,
     load_checkpoint_state,
@@ -133,11 +134,12 @@ def out_of_memory_message(params: FullFinetuneParams, error: str) -> str:
     tried = re.search(r"Tried to allocate [\d.]+ \w+", error)
     what = f"out of GPU memory ({tried.group(0)})" if tried else "out of GPU memory"
     tips = []
-    if params.batch_size > 1:
+    batch, accumulation = params.batch_size, params.gradient_accumulation_steps
+    if batch > 1:
+        smaller = batch // 2 if batch % 2 == 0 else 1
         tips.append(
-            f"batch_size={params.batch_size // 2} with "
-            f"gradient_accumulation_steps={params.gradient_accumulation_steps * 2} "
-            "(the same effective batch)"
+            f"batch_size={smaller} with gradient_accumulation_steps="
+            f"{accumulation * batch // smaller} (the same effective batch)"
         )
     if not params.activation_checkpointing:
         tips.append("activation_checkpointing=true")
@@ -434,7 +436,8 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     state = TrainingState(n_examples=len(examples))
     if params.resume.lower() not in ("", "false"):
         state = resume(params, recipe, model, optimizer, scheduler, len(examples))
-    check_free_space(model, params, steps)
+    check_no_later_checkpoints(output_dir, state.step)
+    check_free_space(model, params, steps, len(checkpoint_dirs(output_dir)))
     metrics_path = output_dir / "metrics.jsonl"
     # A resumed run continues the rows of the run it resumes, less those of the steps it redoes;
     # a new run in an old run's directory starts the file afresh.
@@ -606,7 +609,8 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.signum is not None:
             print(
-                f"{name} again: stopped at once; {latest_checkpoint_note(self.output_dir)}",
+                f"{name}, a second signal: stopped at once; "
+                f"{latest_checkpoint_note(self.output_dir)}",
                 file=sys.stderr,
                 flush=True,
             )
