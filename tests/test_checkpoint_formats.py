@@ -30,6 +30,7 @@ from finetune.checkpoint import (
 )
 from finetune.config import ModelConfig
 from finetune.errors import UserError
+from finetune.loss import chunked_cross_entropy
 from finetune.meta_format import (
     halves_from_pairs,
     meta_ffn_dim,
@@ -38,7 +39,7 @@ from finetune.meta_format import (
     save_meta,
 )
 from finetune.recipes import full
-from finetune.training import build_optimizer, chunked_cross_entropy
+from finetune.training import build_optimizer
 from tests.conftest import TINY_TOKENIZER, compose_config, model_overrides
 from tests.test_full_recipe import small_params
 from tests.test_model import GQA_MODEL, hf_llama, max_abs_diff, random_model, random_tokens

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from finetune import training
 from finetune.checkpoint import load_hf
 from finetune.config import LORA_TARGETS, LoraConfig
 from finetune.data import IGNORE_INDEX
@@ -29,8 +28,8 @@ from finetune.lora import (
     output_weight,
     save_adapter,
 )
+from finetune.loss import chunked_cross_entropy
 from finetune.model import Llama
-from finetune.training import chunked_cross_entropy
 from tests.conftest import SMALL_MODEL
 
 CPU = torch.device("cpu")
@@ -377,7 +376,7 @@ def test_output_weight_gives_the_chunked_loss_the_full_logits_gradients(
     monkeypatch: pytest.MonkeyPatch, use_dora: bool
 ) -> None:
     # Several chunks, so that the weight gradient is accumulated across them.
-    monkeypatch.setattr(training, "LOGITS_PER_CHUNK", SMALL_MODEL.vocab_size * 5)
+    monkeypatch.setattr("finetune.loss.LOGITS_PER_CHUNK", SMALL_MODEL.vocab_size * 5)
     model = lora_model(["v_proj", "lm_head"], use_dora)
     randomise_adapters(model)
     tokens = random_tokens()

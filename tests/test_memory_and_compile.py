@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from finetune.config import FullFinetuneParams, LoraConfig
-from finetune.lora import apply_lora
+from finetune.lora import apply_lora, output_weight
+from finetune.loss import chunked_cross_entropy
 from finetune.model import Llama
 from finetune.parallel import apply_activation_checkpointing
 from finetune.recipes import full
 from finetune.recipes import lora as lora_recipe
-from finetune.training import chunked_cross_entropy, output_weight
 from tests.conftest import SMALL_MODEL, small_params
 
 # A high, constant learning rate, so that the three steps visibly change the weights.

@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import finetune.training as training
 from finetune.config import DatasetConfig, DType, FullFinetuneParams
 from finetune.data import IGNORE_INDEX, Batch, Example, collate
+from finetune.loss import LOGITS_PER_CHUNK, chunked_cross_entropy
 from finetune.model import Llama
 from finetune.training import (
     build_optimizer,
-    chunked_cross_entropy,
     lr_multiplier,
     optimizer_steps,
     steps_per_epoch,
@@ -81,14 +80,14 @@ def loss_and_grads(
 
 @pytest.mark.parametrize(
     "logits_per_chunk",
-    [training.LOGITS_PER_CHUNK, 3 * VOCAB, 4 * VOCAB, 1],
+    [LOGITS_PER_CHUNK, 3 * VOCAB, 4 * VOCAB, 1],
     ids=["one-chunk", "chunks-of-3", "chunks-of-4", "chunks-of-1"],
 )
 @pytest.mark.parametrize("ignored", [False, True], ids=["all-labelled", "some-ignored"])
 def test_chunked_cross_entropy_equals_cross_entropy_of_full_logits_with_gradients(
     monkeypatch: pytest.MonkeyPatch, logits_per_chunk: int, ignored: bool
 ) -> None:
-    monkeypatch.setattr(training, "LOGITS_PER_CHUNK", logits_per_chunk)
+    monkeypatch.setattr("finetune.loss.LOGITS_PER_CHUNK", logits_per_chunk)
     hidden, weight, targets = loss_inputs(ignored=ignored)
 
     loss, grad_hidden, grad_weight = loss_and_grads(chunked_cross_entropy, hidden, weight, targets)
@@ -145,7 +144,7 @@ def test_chunked_cross_entropy_with_a_frozen_weight_computes_no_weight_gradient(
 def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_fp32(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(training, "LOGITS_PER_CHUNK", 4 * VOCAB)  # several chunks
+    monkeypatch.setattr("finetune.loss.LOGITS_PER_CHUNK", 4 * VOCAB)  # several chunks
     hidden, weight, targets = loss_inputs()
     ref_loss, ref_grad_hidden, ref_grad_weight = loss_and_grads(
         reference_loss, hidden, weight, targets

@@ -303,7 +303,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def output_weight(model: Llama) -> torch.Tensor:
-    """The output layer's weight for `training.chunked_cross_entropy`.
+    """The output layer's weight for `loss.chunked_cross_entropy`.
 
     The chunked loss multiplies the hidden states by the output weight itself instead of calling
     `model.lm_head`, so a LoRA on `lm_head` would be bypassed (and never trained) if the loss read

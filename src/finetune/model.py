@@ -118,7 +118,7 @@ class Llama(nn.Module):
         """(batch, seq) token ids -> (batch, seq, dim) final normalised hidden states.
 
         The loss applies `lm_head` itself, a chunk at a time, so that the full logits of a batch
-        never exist at once (see `training.chunked_cross_entropy`).
+        never exist at once (see `loss.chunked_cross_entropy`).
         """
         cos, sin = rotary_cos_sin(self.cfg, tokens.shape[1], tokens.device)
         x = self.embed_tokens(tokens)

@@ -120,6 +120,13 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda d: int(d.name.removeprefix("step_")))
 
 
+def latest_checkpoint_note(output_dir: Path) -> str:
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        return "no checkpoint of this run was saved before"
+    return f"the latest complete checkpoint is {found[-1]}"
+
+
 def prune_checkpoints(output_dir: Path, keep_last_n: int) -> None:
     """Delete all but the newest `keep_last_n` checkpoints; 0 keeps every one."""
     if keep_last_n:

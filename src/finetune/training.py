@@ -6,16 +6,12 @@ import logging
 import math
 import random
 import re
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial, wraps
 from pathlib import Path
-from types import FrameType
 from typing import TypeVar
 
 import torch
@@ -31,7 +27,6 @@ from finetune.config import (
     OutputFormat,
 )
 from finetune.data import (
-    IGNORE_INDEX,
     Batch,
     Example,
     batches,
@@ -40,7 +35,9 @@ from finetune.data import (
     split_examples,
 )
 from finetune.errors import UserError
+from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.lora import output_weight
+from finetune.loss import chunked_cross_entropy
 from finetune.meta_format import save_meta
 from finetune.metrics import MetricsLog, drop_rows_after
 from finetune.model import Llama, count_parameters
@@ -51,6 +48,7 @@ from finetune.state import (
     check_no_later_checkpoints,
     checkpoint_dirs,
     find_checkpoint,
+    latest_checkpoint_note,
     load_checkpoint_state,
     prune_checkpoints,
     restore_rng,
@@ -61,10 +59,6 @@ from finetune.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=FullFinetuneParams)
-
-# Logits held at once by the chunked loss: 2**25 fp32 values are 128 MiB (4096 tokens at 8k vocab,
-# 1048 tokens at Llama-2's 32k).
-LOGITS_PER_CHUNK = 2**25
 
 
 def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
@@ -175,79 +169,6 @@ def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T`, computed a chunk of tokens at a time.
-
-    The gradients are computed in the forward pass, chunk by chunk, so neither the logits nor
-    their gradient ever exist for all tokens at once; backward only scales them.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        hidden: torch.Tensor,  # (tokens, dim)
-        weight: torch.Tensor,  # (vocab, dim)
-        targets: torch.Tensor,  # (tokens,)
-        chunk_size: int,
-    ) -> torch.Tensor:
-        device_type = hidden.device.type
-        compute_dtype = (
-            torch.get_autocast_dtype(device_type)
-            if torch.is_autocast_enabled(device_type)
-            else hidden.dtype
-        )
-        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[:2]
-        ctx.weight_dtype = weight.dtype
-        w = weight.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        with torch.autocast(device_type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk_size):
-                h = hidden[start : start + chunk_size].to(compute_dtype)
-                t = targets[start : start + chunk_size]
-                # One fused pass from the (possibly bf16) logits to fp32 log-probabilities.
-                log_probs = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)
-                loss -= log_probs.gather(1, t[:, None]).sum()
-                if not (want_hidden_grad or want_weight_grad):
-                    continue
-                # d(sum of losses)/d(logits) = softmax - one_hot(target), built in place.
-                grad_logits = log_probs.exp_()
-                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad_logits = grad_logits.to(compute_dtype)
-                if grad_hidden is not None:
-                    grad_hidden[start : start + chunk_size] = grad_logits @ w
-                if grad_weight is not None:
-                    grad_weight += grad_logits.T @ h
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            grad_hidden * grad_loss if grad_hidden is not None else None,
-            (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
-            None,
-            None,
-        )
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """Sum over labelled positions of cross-entropy(hidden @ weight.T, targets).
-
-    hidden: (..., dim) final hidden states; weight: (vocab, dim) the output layer; targets: (...)
-    token ids or IGNORE_INDEX. Only labelled positions reach the output layer.
-    """
-    labelled = targets != IGNORE_INDEX
-    chunk_size = max(1, LOGITS_PER_CHUNK // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden[labelled], weight, targets[labelled], chunk_size)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -530,13 +451,6 @@ def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFin
     return f"{what} is not finite; skipped the update ({skipped}/{allowed} allowed)"
 
 
-def latest_checkpoint_note(output_dir: Path) -> str:
-    found = checkpoint_dirs(output_dir)
-    if not found:
-        return "no checkpoint of this run was saved before"
-    return f"the latest complete checkpoint is {found[-1]}"
-
-
 def recipe_name(params: FullFinetuneParams) -> str:
     return next(name for name, cls in RECIPE_PARAMS.items() if type(params) is cls)
 
@@ -576,63 +490,3 @@ def resume(
         )
     print(f"resuming from {directory} at step {state.step}", flush=True)
     return state
-
-
-class StopRequest:
-    """SIGINT/SIGTERM (Ctrl-C, SLURM preemption) ask the loop to stop after the current step.
-
-    Stopping mid-step would leave a half-accumulated gradient that no checkpoint can hold; a
-    second signal is a user who will not wait, and exits at once, saving nothing.
-    """
-
-    def __init__(self, output_dir: Path) -> None:
-        self.output_dir = output_dir
-        self.signum: int | None = None
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        """The handlers, in place only inside the block: later a Ctrl-C interrupts as usual."""
-        # Python only lets the main thread install handlers (not so e.g. under some launchers).
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {
-            sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            print(
-                f"{name}, a second signal: stopped at once; "
-                f"{latest_checkpoint_note(self.output_dir)}",
-                file=sys.stderr,
-                flush=True,
-            )
-            raise SystemExit(128 + signum)
-        self.signum = signum
-        print(
-            f"{name}: stopping after this step to save a checkpoint; "
-            "press Ctrl-C again to stop at once",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def stopped_by_signal(
-    signum: int, step: int, steps: int, saved: Path | None, output_dir: Path
-) -> int:
-    """Say where the run stopped and how to go on; returns the exit status (128 + signal)."""
-    name = signal.Signals(signum).name
-    print(f"{name} after step {step}/{steps}: training state saved to {saved}", flush=True)
-    print(
-        f"resume with: python -m finetune <the same overrides> hydra.run.dir={output_dir} "
-        "resume=true",
-        flush=True,
-    )
-    return 128 + signum

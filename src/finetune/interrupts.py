@@ -1,0 +1,73 @@
+"""Stopping on SIGINT/SIGTERM (Ctrl-C, SLURM preemption) at a step boundary, with a checkpoint."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from finetune.state import latest_checkpoint_note
+
+
+class StopRequest:
+    """SIGINT/SIGTERM (Ctrl-C, SLURM preemption) ask the loop to stop after the current step.
+
+    Stopping mid-step would leave a half-accumulated gradient that no checkpoint can hold; a
+    second signal is a user who will not wait, and exits at once, saving nothing.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.signum: int | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers, in place only inside the block: later a Ctrl-C interrupts as usual."""
+        # Python only lets the main thread install handlers (not so e.g. under some launchers).
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(
+                f"{name}, a second signal: stopped at once; "
+                f"{latest_checkpoint_note(self.output_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print(
+            f"{name}: stopping after this step to save a checkpoint; "
+            "press Ctrl-C again to stop at once",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def stopped_by_signal(
+    signum: int, step: int, steps: int, saved: Path | None, output_dir: Path
+) -> int:
+    """Say where the run stopped and how to go on; returns the exit status (128 + signal)."""
+    name = signal.Signals(signum).name
+    print(f"{name} after step {step}/{steps}: training state saved to {saved}", flush=True)
+    print(
+        f"resume with: python -m finetune <the same overrides> hydra.run.dir={output_dir} "
+        "resume=true",
+        flush=True,
+    )
+    return 128 + signum
