@@ -61,6 +61,15 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     no_tok.mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):
         (no_tok / name).write_bytes((small_checkpoint / name).read_bytes())
+    (tmp / "latin1.jsonl").write_bytes(json.dumps(ROW).replace("hi", "h\xe9").encode("latin-1"))
+    # A checkpoint whose config.json asks for scaled rotary embeddings.
+    scaled = tmp / "rope_scaled_checkpoint"
+    scaled.mkdir()
+    for name in ("model.safetensors", "tokenizer.model"):
+        (scaled / name).write_bytes((small_checkpoint / name).read_bytes())
+    config = json.loads((small_checkpoint / "config.json").read_text())
+    config["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    (scaled / "config.json").write_text(json.dumps(config))
     rank4 = tmp / "rank4_adapter"
     rank4.mkdir()
     (rank4 / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
@@ -110,6 +119,7 @@ def cases(ckpt: Path) -> list[Case]:
         Case("row_type", (*run, "dataset.path={tmp}/number_row.jsonl"), "number_row.jsonl:2"),
         Case("json_not_list", (*run, "dataset.path={tmp}/not_a_list.json"), "not_a_list.json"),
         Case("csv_dup_column", (*run, "dataset.path={tmp}/dup_column.csv"), "dup_column.csv:1"),
+        Case("not_utf8", (*run, "dataset.path={tmp}/latin1.jsonl"), "latin1.jsonl: not UTF-8"),
         # Checkpoints.
         Case(
             "ckpt_empty",
@@ -131,6 +141,11 @@ def cases(ckpt: Path) -> list[Case]:
                 *good,
             ),
             "no config.json",
+        ),
+        Case(
+            "ckpt_rope_scaling",
+            ("checkpoint={tmp}/rope_scaled_checkpoint", *SMALL, *good),
+            'config.json: rope_scaling={"type": "linear", "factor": 2.0} is not supported',
         ),
         Case("adapter_rank", (*lora, "adapter={tmp}/rank4_adapter"), "adapter_config.json: r is 4"),
         Case(

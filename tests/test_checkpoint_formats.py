@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from finetune.checkpoint import (
@@ -607,6 +607,57 @@ def test_bin_checkpoint_errors_name_the_file_and_key(
     with pytest.raises(UserError) as error:
         load_checkpoint(GQA_MODEL, tmp_path, CPU, torch.float32)
     assert str(error.value).startswith(f"{file}: {expected}")
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_rotary_inv_freq_buffers_of_older_transformers_are_skipped(
+    tmp_path: Path, layout: str
+) -> None:
+    # Llama-2's Hugging Face files were written by transformers < 4.31, which saved these.
+    reference = transformers_checkpoint(tmp_path, layout)
+    head_dim = GQA_MODEL.dim // GQA_MODEL.n_heads
+    buffers = {
+        f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(head_dim // 2)
+        for i in range(GQA_MODEL.n_layers)
+    }
+    if layout == "safetensors":
+        weights = load_file(tmp_path / "model.safetensors")
+        save_file({**weights, **buffers}, tmp_path / "model.safetensors")
+    else:
+        weights = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+        torch.save({**weights, **buffers}, tmp_path / "pytorch_model.bin")
+
+    ours = load_checkpoint(GQA_MODEL, tmp_path, CPU, torch.float32)
+    theirs = reference.state_dict()
+    assert all(torch.equal(t, theirs[hf_key(name)]) for name, t in ours.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("{not json", "config.json: not valid JSON (Expecting property name"),
+        ("[1, 2]", "config.json: expected a JSON object, got list"),
+        (
+            {"rope_scaling": {"type": "linear", "factor": 4.0}},
+            'config.json: rope_scaling={"type": "linear", "factor": 4.0} is not supported',
+        ),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+            'config.json: rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta"',
+        ),
+    ],
+)
+def test_a_config_json_that_does_not_describe_a_llama_2_is_a_user_error(
+    tmp_path: Path, config: str | dict, expected: str
+) -> None:
+    transformers_checkpoint(tmp_path, "safetensors")
+    path = tmp_path / "config.json"
+    if isinstance(config, dict):
+        config = json.dumps({**json.loads(path.read_text()), **config})
+    path.write_text(config)
+    with pytest.raises(UserError) as error:
+        load_checkpoint(GQA_MODEL, tmp_path, CPU, torch.float32)
+    assert str(error.value).startswith(f"{tmp_path}/{expected}"), str(error.value)
 
 
 def test_a_bin_shard_that_the_index_lists_but_is_missing_is_named(tmp_path: Path) -> None:

@@ -137,12 +137,19 @@ def test_every_params_field_has_a_default_and_help() -> None:
         ("warmup_steps=-1", "warmup_steps", "must be >= 0"),
         ("gradient_accumulation_steps=0", "gradient_accumulation_steps", "must be >= 1"),
         ("dataset.format=sharegpt", "dataset.format", "unknown format"),
+        ("seed=-1", "seed", "must be in [0, 2**32), got -1"),
+        ("seed=4294967296", "seed", "must be in [0, 2**32), got 4294967296"),
+        (
+            "recipe=lora save_merged=false output_format=meta",
+            "output_format",
+            "meta needs the merged model: set save_merged=true",
+        ),
     ],
 )
 def test_invalid_values_are_rejected_by_name(
     override: str, key: str, message: str, tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError) as error:
-        build_params(compose_config([f"output_dir={tmp_path}", override]))
+        build_params(compose_config([f"output_dir={tmp_path}", *override.split()]))
     assert error.value.key == key
     assert message in str(error.value)

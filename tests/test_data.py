@@ -200,6 +200,24 @@ def test_tokenize_alpaca_truncates_at_max_seq_len(
     assert longer == full
 
 
+def test_examples_whose_prompt_fills_max_seq_len_are_left_out(
+    tmp_path: Path, tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    long = {"instruction": "Repeat this. " * 40, "input": "", "output": "No."}
+    path = write_jsonl(tmp_path / "d.jsonl", [RECORD, long, RECORD])
+    cfg = DatasetConfig(path=str(path))
+    examples = load_dataset(cfg, tokenizer, max_seq_len=96)
+    assert examples == [tokenize_alpaca(RECORD, tokenizer, 96, train_on_input=False)] * 2
+    assert f"{path}: 1 of 3 examples left out: their prompts fill max_seq_len=96" in caplog.text
+
+    with pytest.raises(UserError) as error:
+        load_dataset(cfg, tokenizer, max_seq_len=8)
+    assert str(error.value) == (
+        f"{path}: no example keeps a response token within max_seq_len=8 (the prompts fill it); "
+        "raise max_seq_len"
+    )
+
+
 def test_every_dataset_format_has_a_loader() -> None:
     assert set(LOADERS) == set(DATASET_FORMATS)
 
@@ -283,6 +301,15 @@ def test_read_records_reads_a_json_list_and_jsonl_alike(tmp_path: Path) -> None:
     from_jsonl = read_records(write_jsonl(tmp_path / "d.jsonl", ROWS), COLUMNS)
     from_json = read_records(write_json(tmp_path / "d.json", ROWS), COLUMNS)
     assert from_jsonl == from_json == ROWS
+
+
+def test_a_renamed_input_column_that_no_record_has_is_a_user_error(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(UserError) as error:
+        read_records(path, {**COLUMNS, "input": "context"})
+    assert str(error.value) == (
+        f"{path}: no record has the field 'context' that dataset.column_map.input names"
+    )
 
 
 def test_read_records_skips_blank_lines_and_ignores_extra_fields(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -133,6 +134,16 @@ def test_csv_that_is_not_utf8_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError) as error:
         read_records(path, COLUMNS)
     assert str(error.value).startswith(f"{path}: not UTF-8 text")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_that_is_not_utf8_is_a_user_error(tmp_path: Path, suffix: str) -> None:
+    text = json.dumps([RECORDS[0]]) if suffix == ".json" else json.dumps(RECORDS[0]) + "\n"
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(text.replace("Sort", "Caf\xe9 sort").encode("latin-1"))
+    with pytest.raises(UserError) as error:
+        read_records(path, COLUMNS)
+    assert str(error.value).startswith(f"{path}: not UTF-8 text ('utf-8' codec can't decode")
 
 
 @pytest.mark.parametrize("content", ["", "instruction,output\n", "instruction,output\n\n"])

@@ -274,6 +274,18 @@ def test_an_interrupted_replacement_keeps_the_old_directory(
     assert checkpoint_dirs(tmp_path) == [step]
 
 
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "model") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
+
+
 def test_a_new_run_refuses_a_directory_with_another_runs_checkpoints(
     small_checkpoint: Path, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from finetune.checkpoint import load_checkpoint, load_hf, save_hf
@@ -317,7 +318,10 @@ def test_lora_recipe_with_quantize_base_saves_a_merged_model_equal_to_the_qlora_
     model = load_checkpoint(QLORA_MODEL, checkpoint, CPU, torch.float32)
     apply_lora(model, params.lora)
     load_adapter(model, tmp_path / "run" / "adapter")
+    model.eval()  # no adapter dropout
     merged = load_checkpoint(QLORA_MODEL, tmp_path / "run" / "model", CPU, torch.float32)
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert min(t.abs().max() for k, t in adapter.items() if "lora_B" in k) > 1e-3  # trained
     tokens = random_tokens()
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens), model(tokens), rtol=0, atol=1e-4)

@@ -371,3 +371,26 @@ def test_resume_keeps_validation_and_early_stopping_where_they_were(
     # The clock runs on from the checkpoint's time instead of restarting at 0.
     elapsed = [json.loads(line)["elapsed_s"] for line in (resumed / "metrics.jsonl").open()]
     assert elapsed == sorted(elapsed)
+
+
+def test_resume_with_other_batches_or_schedule_names_what_changed(
+    small_checkpoint: Path, small_data: Path, tmp_path: Path
+) -> None:
+    full.run(params_for("full", small_checkpoint, small_data, tmp_path, "max_steps=3"))
+    checkpoint = tmp_path / "checkpoints" / "step_000003"
+    changed = params_for(
+        "full",
+        small_checkpoint,
+        small_data,
+        tmp_path / "resumed",
+        "max_steps=3",
+        "batch_size=1",
+        "lr=2e-3",
+        f"resume={checkpoint}",
+    )
+    with pytest.raises(UserError) as error:
+        full.run(changed)
+    assert str(error.value) == (
+        f"{checkpoint}: saved with batch_size=2, lr=0.001, but this run has batch_size=1, "
+        "lr=0.002; resume with the settings of the run it continues"
+    )

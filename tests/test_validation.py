@@ -215,7 +215,7 @@ def test_early_stopping_stops_when_val_loss_stops_improving(
     train_rows, val_rows = metrics(tmp_path)
     assert [r["val_loss"] for r in val_rows] == [3.0, 2.0, 2.5, 2.1]
     assert train_rows[-1]["step"] == 4 and returned == 2.1
-    assert "early stopping at step 4/6" in capsys.readouterr().out
+    assert "early stopping at step 4/5" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

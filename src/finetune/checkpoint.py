@@ -298,6 +298,11 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+# Checkpoints saved by transformers before 4.31 (Llama-2's on the Hub among them) carry each
+# layer's rotary inverse frequencies, a buffer computed from rope_theta, not a weight.
+HF_ROTARY_BUFFER = "rotary_emb.inv_freq"
+
+
 def _read_hf_safetensors(
     files: list[Path], shapes: dict[str, torch.Size], device: torch.device, dtype: torch.dtype
 ) -> Weights:
@@ -305,6 +310,8 @@ def _read_hf_safetensors(
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if key.endswith(HF_ROTARY_BUFFER):
+                        continue
                     view = f.get_tensor(key)  # memory-mapped: nothing is read yet
                     _check_shape(file, key, view.shape, shapes.get(key))
                     yield key, _tensor_from_file(view, device, dtype)
@@ -317,6 +324,8 @@ def _read_hf_bin(
 ) -> Weights:
     for file in files:
         for key, view in _load_torch_file(file).items():
+            if key.endswith(HF_ROTARY_BUFFER):
+                continue
             _check_shape(file, key, view.shape, shapes.get(key))
             yield key, _tensor_from_file(view, device, dtype)
 
@@ -454,14 +463,33 @@ def _madvise() -> Callable[[int, int, int], int]:
     return madvise
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(found, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(found).__name__}")
+    return found
+
+
 def check_architecture(cfg: ModelConfig, ckpt_dir: Path) -> None:
     """The checkpoint's config.json must describe the architecture the run was configured with."""
     path = ckpt_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{ckpt_dir}: no config.json (expected a Hugging Face checkpoint)")
-    found = json.loads(path.read_text())
-    # transformers 5 keeps the RoPE base inside `rope_parameters`.
-    found.setdefault("rope_theta", (found.get("rope_parameters") or {}).get("rope_theta"))
+    found = _read_json_object(path)
+    # transformers 5 keeps the RoPE base inside `rope_parameters`, with the scaling type.
+    rope = found.get("rope_parameters") or {}
+    found.setdefault("rope_theta", rope.get("rope_theta"))
+    scaling = found.get("rope_scaling") or (
+        rope if rope.get("rope_type", "default") != "default" else None
+    )
+    if scaling:
+        raise UserError(
+            f"{path}: rope_scaling={json.dumps(scaling)} is not supported: finetune trains with "
+            "Llama-2's unscaled rotary embeddings"
+        )
     for ours, hf in HF_CONFIG_KEYS.items():
         value, expected = found.get(hf), getattr(cfg, ours)
         # Absent means the library default; a different context length is a setting, not a

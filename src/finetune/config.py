@@ -266,6 +266,7 @@ class FullFinetuneParams:
             "must be >= 0",
             self.skip_nonfinite_steps,
         )
+        _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)", self.seed)
         _require(self.keep_last_n >= 0, "keep_last_n", "must be >= 0", self.keep_last_n)
         if self.resume and self.resume.lower() not in ("true", "latest", "false"):
             _require_dir(self.resume, "resume")
@@ -382,6 +383,13 @@ class LoraFinetuneParams(FullFinetuneParams):
         super().__post_init__()
         if self.adapter:
             _require_dir(self.adapter, "adapter")
+        # The Meta copy is of the merged model; an adapter has no Meta layout.
+        _require(
+            self.save_merged or self.output_format is not OutputFormat.meta,
+            "output_format",
+            "meta needs the merged model: set save_merged=true",
+            self.output_format.value,
+        )
 
 
 # Each recipe's root dataclass, by the name of its `conf/recipe/` option.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import torch
 from finetune.config import DatasetConfig
 from finetune.errors import ConfigError, UserError
 from finetune.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # Label of a position that contributes no loss (the prompt, padding); cross-entropy's convention.
 IGNORE_INDEX = -100
@@ -73,14 +76,21 @@ def read_rows(path: Path) -> Rows:
 
 def _jsonl_rows(path: Path) -> Rows:
     with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                where = f"{path}:{number}"
-                yield where, _checked_row(where, _parse_json(where, line))
+        try:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    where = f"{path}:{number}"
+                    yield where, _checked_row(where, _parse_json(where, line))
+        except UnicodeDecodeError as e:  # its position is a byte offset into the file
+            raise UserError(f"{path}: not UTF-8 text ({e})") from None
 
 
 def _json_list_rows(path: Path) -> Rows:
-    rows = _parse_json(str(path), path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    rows = _parse_json(str(path), text)
     if not isinstance(rows, list):
         raise UserError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
     for index, row in enumerate(rows):
@@ -179,7 +189,9 @@ ALPACA_PARTS = ("instruction", "input", "output")
 def read_records(path: Path, column_map: dict[str, str]) -> list[dict]:
     """Alpaca records of a data file as {part: text}; `column_map` maps part -> field."""
     records = []
+    input_seen = False
     for where, row in read_rows(path):
+        input_seen = input_seen or column_map["input"] in row
         record = {}
         for name, source in column_map.items():
             value = row.get(source)
@@ -195,6 +207,13 @@ def read_records(path: Path, column_map: dict[str, str]) -> list[dict]:
         records.append(record)
     if not records:
         raise UserError(f"{path}: no records")
+    # Records may lack an input, but a renamed input column found nowhere is a typo that would
+    # silently train every record without its input.
+    if not input_seen and column_map["input"] != "input":
+        raise UserError(
+            f"{path}: no record has the field {column_map['input']!r} that "
+            "dataset.column_map.input names"
+        )
     return records
 
 
@@ -367,8 +386,31 @@ def load_dataset(
     """Read `path` (default `cfg.path`) and tokenize every record in the layout `cfg.format` names.
 
     The validation file (`cfg.val_path`) is read with the same format, columns and masking.
+    Examples with nothing to train on (a prompt that fills max_seq_len) are left out.
     """
-    return LOADERS[cfg.format](Path(path or cfg.path), cfg, tokenizer, max_seq_len)
+    file = Path(path or cfg.path)
+    examples = LOADERS[cfg.format](file, cfg, tokenizer, max_seq_len)
+    trainable = [e for e in examples if has_targets(e)]
+    if not trainable:
+        raise UserError(
+            f"{file}: no example keeps a response token within max_seq_len={max_seq_len} "
+            "(the prompts fill it); raise max_seq_len"
+        )
+    if len(trainable) < len(examples):
+        log.warning(
+            "%s: %d of %d examples left out: their prompts fill max_seq_len=%d, leaving no "
+            "response token to train on",
+            file,
+            len(examples) - len(trainable),
+            len(examples),
+            max_seq_len,
+        )
+    return trainable
+
+
+def has_targets(example: Example) -> bool:
+    # labels[0] is no position's target: each position predicts the next token.
+    return any(label != IGNORE_INDEX for label in example.labels[1:])
 
 
 def _load_alpaca(

@@ -34,6 +34,7 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
     try:
         tmp.mkdir(parents=True)
         yield tmp
+        share_like_other_files(tmp)
         if directory.exists():
             # Directories cannot be renamed over one another, so the old one steps aside first.
             shutil.rmtree(old, ignore_errors=True)
@@ -53,6 +54,19 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
             reason = f"{cause.filename}: {reason}"  # e.g. a file copied in went missing
         kept = "its previous contents are kept" if directory.exists() else "nothing was written"
         raise UserError(f"{directory}: could not write it ({reason}); {kept}") from None
+
+
+def share_like_other_files(directory: Path) -> None:
+    """Give the files in `directory` the permissions the umask gives any new file.
+
+    safetensors writes through a private temporary file (mode 600), so a model would otherwise
+    be unreadable to a server or a colleague running as another user.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def restore_interrupted(directory: Path) -> None:

@@ -354,7 +354,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     )
     output_dir = Path(params.output_dir)
     recipe = recipe_name(params)
-    state = TrainingState(n_examples=len(examples))
+    state = TrainingState(n_examples=len(examples), settings=resume_settings(params))
     if params.resume.lower() not in ("", "false"):
         state = resume(params, recipe, model, optimizer, scheduler, len(examples))
     check_no_later_checkpoints(output_dir, state.step)
@@ -472,6 +472,26 @@ def advance(
     return state.batch_index == 0
 
 
+# What a resumed run cannot change: the data order and batches (batch_size, ..., max_seq_len),
+# and what the restored optimizer and schedule hold (lr, weight_decay, warmup and length).
+RESUME_SETTINGS = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "shuffle",
+    "max_seq_len",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "epochs",
+    "max_steps",
+)
+
+
+def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool]:
+    return {key: getattr(params, key) for key in RESUME_SETTINGS}
+
+
 def resume(
     params: FullFinetuneParams,
     recipe: str,
@@ -487,6 +507,15 @@ def resume(
         raise UserError(
             f"{directory}: saved from a run of {state.n_examples} training examples, "
             f"this one has {n_examples}; resume needs the same data and val_split"
+        )
+    ours = resume_settings(params)
+    changed = [key for key in RESUME_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
+    if changed:
+        saved = ", ".join(f"{key}={state.settings[key]}" for key in changed)
+        now = ", ".join(f"{key}={ours[key]}" for key in changed)
+        raise UserError(
+            f"{directory}: saved with {saved}, but this run has {now}; resume with the "
+            "settings of the run it continues"
         )
     print(f"resuming from {directory} at step {state.step}", flush=True)
     return state
