@@ -126,6 +126,9 @@ def cases(ckpt: Path) -> list[Case]:
             ("checkpoint={tmp}/empty_dir", "tokenizer=" + str(TINY_TOKENIZER), *SMALL, *good),
             "empty_dir",
         ),
+        Case(
+            "ckpt_empty_dir", ("checkpoint={tmp}/empty_dir",), "checkpoint: {tmp}/empty_dir is an"
+        ),
         Case("ckpt_arch", (f"checkpoint={ckpt}", *good), "hidden_size=64 but model.dim=256"),
         Case(
             "ckpt_corrupt",

@@ -128,7 +128,7 @@ def test_resume_from_a_given_checkpoint_directory(
 def test_resume_without_a_checkpoint_names_the_directory(
     small_checkpoint: Path, small_data: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(UserError, match="no checkpoint found in") as error:
+    with pytest.raises(UserError, match=r"^resume=true: no checkpoint found in") as error:
         full.run(params_for("full", small_checkpoint, small_data, tmp_path, "resume=true"))
     assert str(tmp_path / "checkpoints") in str(error.value)
     assert "hydra.run.dir" in str(error.value) and "\n" not in str(error.value)
@@ -177,7 +177,12 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(
     assert process.returncode == 128 + signal.SIGTERM, output
     saved = steps_on_disk(run_dir)
     assert len(saved) == 1 and int(saved[0].removeprefix("step_")) < 200, output
-    assert f"resume with: python -m finetune <the same overrides> hydra.run.dir={run_dir}" in output
+    # The command that continues the run, with its own overrides, ready to paste.
+    overrides = " ".join(a for a in args if not a.startswith("hydra.run.dir="))
+    assert f"resume with: python -m finetune {overrides} hydra.run.dir={run_dir} resume=true\n" in (
+        output
+    )
+    assert "SIGTERM: stopping after this step to save a checkpoint; send SIGTERM again" in output
     assert not (run_dir / "model").exists()
 
 

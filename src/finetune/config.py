@@ -292,6 +292,8 @@ TOKENIZER_SUFFIXES = (".model", ".json")
 
 def _checkpoint_tokenizer(checkpoint: Path) -> Path:
     """The tokenizer shipped with a checkpoint: in its directory, or (Meta's layout) above it."""
+    if not any(checkpoint.iterdir()):  # say so, rather than blame the tokenizer
+        raise ConfigError("checkpoint", f"{checkpoint} is an empty directory")
     for directory in (checkpoint, checkpoint.parent):
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import threading
@@ -9,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+
+from hydra.core.hydra_config import HydraConfig
 
 from finetune.state import latest_checkpoint_note
 
@@ -51,9 +54,9 @@ class StopRequest:
             )
             raise SystemExit(128 + signum)
         self.signum = signum
+        again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
         print(
-            f"{name}: stopping after this step to save a checkpoint; "
-            "press Ctrl-C again to stop at once",
+            f"{name}: stopping after this step to save a checkpoint; {again} to stop at once",
             file=sys.stderr,
             flush=True,
         )
@@ -65,9 +68,17 @@ def stopped_by_signal(
     """Say where the run stopped and how to go on; returns the exit status (128 + signal)."""
     name = signal.Signals(signum).name
     print(f"{name} after step {step}/{steps}: training state saved to {saved}", flush=True)
-    print(
-        f"resume with: python -m finetune <the same overrides> hydra.run.dir={output_dir} "
-        "resume=true",
-        flush=True,
-    )
+    print(f"resume with: {resume_command(output_dir)}", flush=True)
     return 128 + signum
+
+
+def resume_command(output_dir: Path) -> str:
+    """The command line that continues this run: its own overrides, in its own directory."""
+    try:
+        task = HydraConfig.get().overrides.task
+        replaced = ("hydra.run.dir=", "resume=")
+        overrides = [shlex.quote(o) for o in task if not o.startswith(replaced)]
+    except ValueError:  # not started by Hydra (called from Python)
+        overrides = ["<the same overrides>"]
+    run_dir = shlex.quote(f"hydra.run.dir={output_dir}")
+    return " ".join(["python -m finetune", *overrides, run_dir, "resume=true"])

@@ -136,6 +136,7 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     """Loss (left axis; validation loss too, if any) and learning rate (right axis) by step."""
     # Figure without pyplot: no GUI backend is chosen, so it works on any headless machine.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     all_rows = read_metrics(metrics_path)
     # Training and validation rows share the file; a row is one or the other.
@@ -154,11 +155,13 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
             label="validation loss",
         )
     loss_ax.set_xlabel("step")
+    loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.set_ylabel("loss", color="tab:blue")
     loss_ax.grid(alpha=0.3)
     lr_ax = loss_ax.twinx()
     lr_ax.plot(steps, [r["lr"] for r in rows], color="tab:orange", linestyle="--", label="lr")
     lr_ax.set_ylabel("learning rate", color="tab:orange")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    fig.legend(loc="upper right")
+    # Below the plot: inside it, the legend would hide curves or the lr axis' scale label.
+    fig.legend(loc="outside lower center", ncols=3)
     fig.savefig(png_path, dpi=100)

@@ -153,10 +153,28 @@ def check_no_later_checkpoints(output_dir: Path, step: int) -> None:
     )
 
 
+def is_resuming(resume: str) -> bool:
+    return resume.lower() not in ("", "false")
+
+
+def check_resume_before_loading(resume: str, output_dir: Path) -> None:
+    """The checks of a resume (or a fresh start) that need no model, done before loading one:
+    the checkpoint exists, and no later one in the output directory would be overwritten."""
+    step = 0
+    if is_resuming(resume):
+        directory = find_checkpoint(resume, output_dir)
+        if not _STEP_DIR.fullmatch(directory.name):
+            return  # a checkpoint moved under another name: checked once loaded
+        step = int(directory.name.removeprefix("step_"))
+    check_no_later_checkpoints(output_dir, step)
+
+
 def find_checkpoint(resume: str, output_dir: Path) -> Path:
     """The checkpoint `resume` names: "true"/"latest" for the newest in this run's directory, or
     a path to a checkpoint directory or to a run directory (its newest checkpoint)."""
     latest = resume.lower() in ("true", "latest")
+    if latest:
+        resume = resume.lower()  # Hydra reads `true` as a bool, which comes back as "True"
     path = output_dir if latest else Path(resume)
     if (path / STATE_FILE).is_file():
         return path

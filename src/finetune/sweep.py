@@ -201,14 +201,22 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     """Every job's loss curve on one plot."""
     # Imported here: matplotlib is slow to import and only the end of a sweep needs it.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 1.5
     for label, curve in curves.items():
         steps, losses = [step for step, _ in curve], [loss for _, loss in curve]
         ax.plot(steps, losses, marker="." if len(curve) < 20 else None, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss ((train): training loss)")
+    trained = [label for label in curves if label.endswith(" (train)")]
+    if not trained:
+        ax.set_ylabel("validation loss")
+    elif len(trained) == len(curves):
+        ax.set_ylabel("training loss")
+    else:
+        ax.set_ylabel("validation loss; training loss where marked (train)")
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize="small")

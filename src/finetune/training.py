@@ -46,8 +46,10 @@ from finetune.state import (
     TrainingState,
     capture_rng,
     check_no_later_checkpoints,
+    check_resume_before_loading,
     checkpoint_dirs,
     find_checkpoint,
+    is_resuming,
     latest_checkpoint_note,
     load_checkpoint_state,
     prune_checkpoints,
@@ -64,6 +66,7 @@ P = TypeVar("P", bound=FullFinetuneParams)
 def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
     """What every recipe does first: seed, pick the device, tokenize the data."""
     check_writable(Path(params.output_dir))
+    check_resume_before_loading(params.resume, Path(params.output_dir))
     seed_everything(params.seed)
     device = resolve_device(params.device)
     tokenizer = Tokenizer(Path(params.tokenizer))
@@ -354,8 +357,16 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     )
     output_dir = Path(params.output_dir)
     recipe = recipe_name(params)
+    if params.warmup_steps >= steps:
+        log.warning(
+            "warmup_steps=%d is not below the run's %d steps: the learning rate never reaches "
+            "lr=%g",
+            params.warmup_steps,
+            steps,
+            params.lr,
+        )
     state = TrainingState(n_examples=len(examples), settings=resume_settings(params))
-    if params.resume.lower() not in ("", "false"):
+    if is_resuming(params.resume):
         state = resume(params, recipe, model, optimizer, scheduler, len(examples))
     check_no_later_checkpoints(output_dir, state.step)
     check_free_space(model, params, steps, len(checkpoint_dirs(output_dir)))
@@ -363,7 +374,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     # A resumed run continues the rows of the run it resumes, less those of the steps it redoes;
     # a new run in an old run's directory starts the file afresh.
     drop_rows_after(metrics_path, state.step)
-    log = MetricsLog(metrics_path, total_steps=steps)
+    metrics = MetricsLog(metrics_path, total_steps=steps)
     batches_per_epoch = math.ceil(len(examples) / params.batch_size)
 
     def save(epoch_ended: bool, stopping_now: bool) -> Path | None:
@@ -372,7 +383,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             return None
         directory = step_dir(output_dir, state.step)
         state.rng = capture_rng()
-        state.elapsed_s = log.elapsed()
+        state.elapsed_s = metrics.elapsed()
         try:
             save_checkpoint(directory, recipe, model, optimizer, scheduler, state)
         except UserError as error:
@@ -383,14 +394,14 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     def validate(step: int, epoch: int) -> float:
         started = time.perf_counter()
         val_loss = evaluate(model, val_examples, params, pad_id)
-        log.write_eval(step, epoch, val_loss, time.perf_counter() - started)
+        metrics.write_eval(step, epoch, val_loss, time.perf_counter() - started)
         return val_loss
 
     # Written only now that every input has been read and checked: a run that fails on bad input
     # leaves an earlier run's params.yaml in the same directory as it was.
     (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
     model.train()
-    log.start(elapsed_before=state.elapsed_s)
+    metrics.start(elapsed_before=state.elapsed_s)
     if state.rng:
         # Last, so that the next dropout mask is the one the interrupted run would have drawn.
         restore_rng(state.rng)
@@ -410,17 +421,17 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             epoch_ended = advance(state, epoch, micro_batches, result.n_tokens, batches_per_epoch)
             if not result.finite:
                 state.skipped_steps += 1
-                log.say(check_nonfinite(result, step, state.skipped_steps, params))
+                metrics.say(check_nonfinite(result, step, state.skipped_steps, params))
             if step % params.log_every_n_steps == 0 or step == steps:
-                log.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
+                metrics.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
                 tokens_since_log = 0
             every = params.eval_every_n_steps
             if val_examples and (step == steps or (every and step % every == 0)):
                 val_loss = validate(step, epoch)
                 if should_stop_early(state, val_loss, params.early_stopping_patience):
                     if tokens_since_log:  # the last step's row, which log_every_n_steps skipped
-                        log.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
-                    log.say(
+                        metrics.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
+                    metrics.say(
                         f"early stopping at step {step}/{steps}: val_loss has not improved on "
                         f"{state.best_val_loss:.4f} (step {state.best_step}) for "
                         f"{params.early_stopping_patience} evaluations"
@@ -430,11 +441,11 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             stopping_now = stop.signum is not None and step < steps
             saved = save(epoch_ended, stopping_now)
             if stopping_now:
-                log.close()
+                metrics.close()
                 raise SystemExit(stopped_by_signal(stop.signum, step, steps, saved, output_dir))
             if step == steps:
                 break
-    log.close()
+    metrics.close()
     return state.val_loss if val_examples else loss
 
 

@@ -8,6 +8,7 @@ adapters merged in, in Hugging Face format.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from finetune.metrics import plot_metrics
 from finetune.outputs import atomic_directory
 from finetune.parallel import prepare_model
 from finetune.training import explains_out_of_memory, log_model, save_model, start_run, train
+
+log = logging.getLogger(__name__)
 
 
 @explains_out_of_memory
@@ -41,6 +44,7 @@ def run(params: LoraFinetuneParams) -> float:
     out_dir = Path(params.output_dir)
     with atomic_directory(out_dir / "adapter") as tmp:
         save_adapter(model, tmp, params.checkpoint, params.lora)
+    log.info("adapter saved to %s", out_dir / "adapter")
     if params.save_merged:
         merge_lora(model)
         save_model(model, params, tokenizer, out_dir / "model")
