@@ -22,8 +22,9 @@ from finetune.data import (
     tokenize_chat,
 )
 from finetune.errors import ConfigError, UserError
+from finetune.recipes import full
 from finetune.tokenizer import Tokenizer
-from tests.conftest import TINY_TOKENIZER, compose_config, write_jsonl
+from tests.conftest import TINY_TOKENIZER, compose_config, small_params, write_jsonl
 
 BOS, EOS = 1, 2
 
@@ -319,3 +320,35 @@ def test_shipped_chat_sample_mixes_system_prompts_and_several_turns() -> None:
     with_system = [c for c in conversations if c[0].role == "system"]
     assert 0 < len(with_system) < len(conversations)
     assert {len(llama2_chat_turns(c)) for c in conversations} == {1, 2, 3}
+
+
+# --------------------------------------------------------------------------------------------
+# The chat template written with a model trained on chat data
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_chat_model_carries_a_chat_template_that_tokenizes_as_it_trained(
+    small_checkpoint: Path, tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    from transformers import AutoTokenizer
+
+    full.run(small_params(small_checkpoint, tmp_path / "chat", "dataset=chat", "max_steps=1"))
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "chat" / "model")
+
+    conversations = read_conversations(ASSETS_DIR / "sample_chat.jsonl", "messages")
+    for conversation in conversations:
+        # Training leaves out a last question without its answer; the template would prompt it.
+        answered = conversation[:-1] if conversation[-1].role == "user" else conversation
+        rendered = theirs.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in answered], tokenize=True
+        )
+        trained = tokenize_chat(answered, tokenizer, max_seq_len=10**6, train_on_input=False)
+        assert list(rendered["input_ids"]) == trained.tokens
+    # Prompting for an answer: Meta's inference format, BOS + "[INST] ... [/INST]" and no EOS.
+    question = [{"role": "user", "content": "What is 2 + 2?"}]
+    prompt = theirs.apply_chat_template(question, tokenize=True, add_generation_prompt=True)
+    assert list(prompt["input_ids"]) == [BOS, *tokenizer.encode("[INST] What is 2 + 2? [/INST]")]
+
+    full.run(small_params(small_checkpoint, tmp_path / "alpaca", "max_steps=1"))
+    config = json.loads((tmp_path / "alpaca" / "model" / "tokenizer_config.json").read_text())
+    assert "chat_template" not in config

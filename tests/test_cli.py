@@ -90,11 +90,18 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0
     out = result.stdout
-    assert "model      llama2, llama2_13b, llama2_70b, tiny*" in out
-    assert "recipe     full*" in out
+    assert re.search(r"\n  model +llama2, llama2_13b, llama2_70b, tiny\*\n", out)
+    assert re.search(r"\n  recipe +full\*, lora\n", out)
     for field in ["lr ", "batch_size", "model.n_kv_heads", "dataset.column_map", "dtype"]:
         assert f"  {field}" in out
-    assert "peak learning rate" in out and "fp32|bf16" in out
+    assert "peak learning rate" in out and "(fp32|bf16)" in out
+    # The values a run would use: the default model=tiny sets lr, and overrides win.
+    assert re.search(r"\n  lr +0\.001 +peak learning rate", out)
+    assert re.search(r"\n  dtype +'fp32' +fp32, or bf16", out)
+    overridden = run_cli("--help", "model=llama2", "lr=2e-5", cwd=tmp_path).stdout
+    assert "values with model=llama2 lr=2e-5:" in overridden
+    assert re.search(r"\n  lr +2e-05 ", overridden)
+    assert re.search(r"\n  model\.dim +4096 ", overridden)
 
 
 @pytest.mark.parametrize(

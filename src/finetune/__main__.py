@@ -10,8 +10,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from enum import Enum
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
@@ -155,17 +157,49 @@ def help_text(argv: list[str]) -> str:
         if not options:  # conf/hydra/ holds Hydra's own groups, not ours
             continue
         marked = [f"{o}*" if defaults.get(group) == o else o for o in options]
-        lines.append(f"  {group:<10} {', '.join(marked)}")
-    lines += ["", f"Parameters of recipe={recipe} ({params.__name__}), before the YAML options:"]
-    rows = field_help(params)
-    width = max(len(name) for name, *_ in rows)
-    for name, type_name, default, doc in rows:
-        lines.append(f"  {name:<{width}}  {type_name:<9} {default:<10} {doc}")
+        lines.append(f"  {group:<15} {', '.join(marked)}")
+    overrides = [a for a in argv if a not in ("--help", "-h")]
+    values = _composed_values(overrides)
+    given = f" with {' '.join(overrides)}" if overrides else ""
+    lines += ["", f"Parameters of recipe={recipe} ({params.__name__}), their values{given}:"]
+    rows = [
+        (name, values.get(name, default), f"{doc} ({kind})")
+        for name, kind, default, doc in field_help(params)
+    ]
+    name_width = max(len(name) for name, *_ in rows)
+    value_width = min(14, max(len(value) for _, value, _ in rows))
+    for name, value, doc in rows:
+        lines.append(f"  {name:<{name_width}}  {value:<{value_width}}  {doc}")
     lines += [
         "",
-        "`--cfg job` prints the composed values; `--hydra-help` lists Hydra's own flags.",
+        "`--cfg job` prints the composed config; `--hydra-help` lists Hydra's own flags.",
     ]
     return "\n".join(lines)
+
+
+def _composed_values(overrides: list[str]) -> dict[str, str]:
+    """Each field's value after the YAML options and `overrides`, as dotted name -> text;
+    empty when they do not compose (the run itself will say why)."""
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException):
+        return {}
+    values: dict[str, str] = {}
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                walk(child, f"{path}.{key}" if path else key)
+            return
+        try:
+            value = OmegaConf.select(cfg, path, throw_on_resolution_failure=True)
+        except OmegaConfBaseException:  # output_dir: Hydra's run directory exists only in a run
+            value = node
+        values[path] = repr(value.value if isinstance(value, Enum) else value)
+
+    walk(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True), "")
+    return values
 
 
 def _primary_defaults() -> dict[str, str]:

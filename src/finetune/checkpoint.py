@@ -99,8 +99,12 @@ def save_hf(
     eos_id: int,
     dtype: torch.dtype,
     max_shard_bytes: int = 5_000_000_000,
+    chat_template: str = "",
 ) -> None:
-    """Write `model` as a Hugging Face checkpoint that transformers and vLLM load as they are."""
+    """Write `model` as a Hugging Face checkpoint that transformers and vLLM load as they are.
+
+    `chat_template` goes into tokenizer_config.json unless the tokenizer's own has one.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {
         hf_key(name): t.detach().to(device="cpu", dtype=dtype).contiguous()
@@ -125,6 +129,14 @@ def save_hf(
         {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False},
     )
     copy_tokenizer(tokenizer, out_dir)
+    if chat_template:
+        _add_chat_template(out_dir / "tokenizer_config.json", chat_template)
+
+
+def _add_chat_template(path: Path, template: str) -> None:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.setdefault("chat_template", template)
+    _write_json(path, config)
 
 
 def _split_into_shards(

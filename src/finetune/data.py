@@ -329,6 +329,32 @@ def _check_turn_order(where: str, messages: list[Message]) -> None:
         raise UserError(f"{where}: no assistant message to train on")
 
 
+# The same format as a Hugging Face chat template, written into the tokenizer_config.json of a
+# model trained on chat data, so that `apply_chat_template` and vLLM's chat endpoint prompt it as it
+# was trained. The space after BOS is SentencePiece's dummy prefix ("▁[INST]"), which transformers
+# does not add after a special token.
+LLAMA2_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = '<<SYS>>\n' + messages[0]['content'] | trim + '\n<</SYS>>\n\n' -%}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '' -%}"
+    "{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 is even) -%}"
+    "{{ raise_exception('Llama-2 chat alternates user and assistant messages, user first') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ bos_token + ' [INST] ' + (system if loop.first else '') + message['content'] | trim"
+    " + ' [/INST]' }}"
+    "{%- else -%}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
 def llama2_chat_turns(messages: list[Message]) -> list[tuple[str, str]]:
     """(prompt, answer) of each user/assistant pair, in Llama-2's chat format.
 

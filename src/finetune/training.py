@@ -27,6 +27,7 @@ from finetune.config import (
     OutputFormat,
 )
 from finetune.data import (
+    LLAMA2_CHAT_TEMPLATE,
     Batch,
     Example,
     batches,
@@ -104,6 +105,7 @@ def save_model(
             eos_id=tokenizer.eos_id,
             dtype=dtype,
             max_shard_bytes=params.max_shard_size_mb * 1_000_000,
+            chat_template=LLAMA2_CHAT_TEMPLATE if params.dataset.format == "chat" else "",
         )
     log.info("model saved to %s", out_dir)
     if params.output_format is OutputFormat.meta:
