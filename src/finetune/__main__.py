@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -142,8 +143,9 @@ def help_text(argv: list[str]) -> str:
     recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), "full")
     params = RECIPE_PARAMS.get(recipe, FullFinetuneParams)
     defaults = _primary_defaults()
+    command = "finetune" if Path(sys.argv[0]).name == "finetune" else "python -m finetune"
     lines = [
-        "usage: python -m finetune [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--info]",
+        f"usage: {command} [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--info]",
         "",
         "Fine-tunes a Llama model; writes metrics, loss.png and the model to the run directory.",
         "-m runs a sweep over comma-separated values, e.g. -m lr=1e-5,3e-5, and writes",

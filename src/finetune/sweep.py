@@ -186,7 +186,11 @@ def best_job(rows: list[JobRow]) -> JobRow | None:
 def best_metric(row: JobRow) -> str:
     if row.best_val_loss is not None:
         return f"best val_loss {row.best_val_loss:.4f}"
-    return f"final train loss {row.final_train_loss:.4f}"
+    # One step's loss on data the model trains on: noisy, and blind to overfitting.
+    return (
+        f"final train loss {row.final_train_loss:.4f} (set dataset.val_split to compare the jobs "
+        "on held-out data)"
+    )
 
 
 def write_csv(rows: list[JobRow], path: Path) -> None:
