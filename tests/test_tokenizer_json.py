@@ -216,3 +216,19 @@ def test_a_checkpoint_with_only_a_tokenizer_json_fine_tunes(
     full.run(params)
     saved = Tokenizer(tmp_path / "out" / "model" / "tokenizer.json")
     assert (saved.vocab_size, saved.bos_id, saved.eos_id) == (4096, 1, 2)
+
+
+def test_a_continuation_whose_newline_merges_with_the_text_is_encoded_as_it_is(
+    tmp_path: Path,
+) -> None:
+    # A BPE in which "\n\n" is one token and no pre-tokenizer splits it off.
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    vocab = {"<s>": 0, "</s>": 1, "\n": 2, "a": 3, "\n\n": 4}
+    bpe = HFTokenizer(models.BPE(vocab=vocab, merges=[("\n", "\n")]))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer(tmp_path / "tokenizer.json")
+    assert tokenizer.encode("\n\na") == [4, 3]  # the newline would not split off
+    assert tokenizer.encode_continuation("\na") == [2, 3]
+    assert tokenizer.encode_continuation("a") == [3]
