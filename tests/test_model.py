@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -219,12 +220,17 @@ def test_load_checkpoint_rejects_a_transformers_checkpoint_with_another_rope_bas
     assert "500000" in str(error.value) and "10000" in str(error.value)
 
 
-def test_load_checkpoint_names_the_missing_weight(tmp_path: Path) -> None:
+def checkpoint_edited(tmp_path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A small checkpoint whose model.safetensors went through `edit`; returns its directory."""
     ckpt = write_checkpoint(tmp_path)
-    file = ckpt / "model.safetensors"
-    tensors = load_file(file)
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, file)
+    tensors = load_file(ckpt / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, ckpt / "model.safetensors")
+    return ckpt
+
+
+def test_load_checkpoint_names_the_missing_weight(tmp_path: Path) -> None:
+    ckpt = checkpoint_edited(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(UserError) as error:
         load_checkpoint(SMALL_MODEL, ckpt, CPU, torch.float32)
     assert str(ckpt) in str(error.value)
@@ -232,11 +238,9 @@ def test_load_checkpoint_names_the_missing_weight(tmp_path: Path) -> None:
 
 
 def test_load_checkpoint_names_the_file_and_key_of_a_wrongly_shaped_tensor(tmp_path: Path) -> None:
-    ckpt = write_checkpoint(tmp_path)
+    key = "model.layers.0.self_attn.k_proj.weight"
+    ckpt = checkpoint_edited(tmp_path, lambda t: t.update({key: torch.zeros(64, 64)}))
     file = ckpt / "model.safetensors"
-    tensors = load_file(file)
-    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)
-    save_file(tensors, file)
     with pytest.raises(UserError) as error:
         load_checkpoint(SMALL_MODEL, ckpt, CPU, torch.float32)
     message = str(error.value)
@@ -246,11 +250,9 @@ def test_load_checkpoint_names_the_file_and_key_of_a_wrongly_shaped_tensor(tmp_p
 
 
 def test_load_checkpoint_names_the_file_and_key_of_an_unexpected_tensor(tmp_path: Path) -> None:
-    ckpt = write_checkpoint(tmp_path)
+    key = "model.layers.2.mlp.up_proj.weight"
+    ckpt = checkpoint_edited(tmp_path, lambda t: t.update({key: torch.zeros(160, 64)}))
     file = ckpt / "model.safetensors"
-    tensors = load_file(file)
-    tensors["model.layers.2.mlp.up_proj.weight"] = torch.zeros(160, 64)
-    save_file(tensors, file)
     with pytest.raises(UserError) as error:
         load_checkpoint(SMALL_MODEL, ckpt, CPU, torch.float32)
     assert str(file) in str(error.value)
