@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.overrides import split_flags
 from tests.conftest import SMALL_MODEL, model_overrides, run_cli, write_jsonl
 
 SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
@@ -78,6 +79,65 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, (args, result.stderr)
         assert lines[0].startswith("error: ") and message in lines[0], (args, lines[0])
+
+
+TYPING_MISTAKES = [
+    (
+        ["lr=1e-3,"],
+        "lr=1e-3,: a value cannot end with a comma: write lr=1e-3 (a sweep is -m lr=A,B)",
+    ),
+    (
+        ["dataset.path=~/x"],
+        """dataset.path=~/x: '~' needs quotes in a value; write 'dataset.path="~/x"'""",
+    ),
+    (
+        ["recipe=lora", "lora.targets=[q_proj,", "v_proj]"],
+        "lora.targets=[q_proj,: a list is one argument, without spaces: "
+        "write 'lora.targets=[q_proj,v_proj]'",
+    ),
+    (
+        ["dataset=/data/file.jsonl"],
+        "dataset=/data/file.jsonl: dataset= picks an option (alpaca, chat, sample); "
+        "a file goes in dataset.path=/data/file.jsonl",
+    ),
+    (
+        ["model=/ckpt/llama"],
+        "model=/ckpt/llama: model= picks an option (llama2, llama2_13b, llama2_70b, tiny); "
+        "a checkpoint goes in checkpoint=/ckpt/llama",
+    ),
+    (["lr=abc", "--help"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
+    (["recipe=nosuch", "--help"], "recipe=nosuch: no such option; available: full, lora"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), TYPING_MISTAKES)
+def test_a_mistyped_override_names_itself_and_the_fix(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flags", "overrides"),
+    [
+        (["max_steps=2", "-m", "lr=1,2"], ["-m"], ["max_steps=2", "lr=1,2"]),
+        (["lr=1", "--cfg", "job", "--resolve"], ["--cfg", "job", "--resolve"], ["lr=1"]),
+        (["--info", "defaults", "lr=1"], ["--info", "defaults"], ["lr=1"]),
+        (
+            ["a=1", "--config-path", "/r/.hydra", "-cn", "config"],
+            ["--config-path", "/r/.hydra", "-cn", "config"],
+            ["a=1"],
+        ),
+    ],
+)
+def test_flags_move_ahead_of_overrides_with_their_values(
+    argv: list[str], flags: list[str], overrides: list[str]
+) -> None:
+    assert split_flags(argv) == (flags, overrides)
 
 
 def test_full_hydra_error_shows_the_traceback(tmp_path: Path) -> None:
@@ -152,10 +212,11 @@ def test_default_job_prints_plain_progress_and_writes_outputs(tmp_path: Path) ->
 @pytest.mark.slow
 def test_multirun_sweep_gives_each_job_its_own_directory(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
+    # -m after an override: Hydra's own parser takes flags only before them.
     result = run_cli(
+        "max_steps=1",
         "-m",
         "lr=1e-4,3e-4",
-        "max_steps=1",
         "warmup_steps=0",
         f"hydra.sweep.dir={sweep_dir}",
         cwd=tmp_path,

@@ -32,6 +32,7 @@ from finetune.config import (
 )
 from finetune.config import register_schemas as _register_schemas
 from finetune.errors import UserError
+from finetune.overrides import command_line, split_flags
 
 
 def _run_full(params: FullFinetuneParams) -> float:
@@ -83,12 +84,13 @@ def failed_job(error: Exception) -> sweep.JobFailure:
 
 
 def main() -> None:
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        print(help_text(sys.argv[1:]))
-        return
-    # Let Hydra raise instead of printing its own report, so bad input gets a single line.
-    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        sys.argv[1:] = command_line(sys.argv[1:], group_options())
+        if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+            print(help_text(sys.argv[1:]))
+            return
+        # Let Hydra raise instead of printing its own report, so bad input gets a single line.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
         _task()
     except _USER_ERRORS as error:
         exit_with(error)
@@ -154,13 +156,10 @@ def help_text(argv: list[str]) -> str:
         "",
         "Config groups (GROUP=OPTION, * marks the default):",
     ]
-    for group in sorted(p.name for p in config_dir().iterdir() if p.is_dir()):
-        options = sorted(f.stem for f in (config_dir() / group).glob("*.yaml"))
-        if not options:  # conf/hydra/ holds Hydra's own groups, not ours
-            continue
+    for group, options in group_options().items():
         marked = [f"{o}*" if defaults.get(group) == o else o for o in options]
         lines.append(f"  {group:<15} {', '.join(marked)}")
-    overrides = [a for a in argv if a not in ("--help", "-h")]
+    overrides = split_flags(argv)[1]
     values = _composed_values(overrides)
     given = f" with {' '.join(overrides)}" if overrides else ""
     lines += ["", f"Parameters of recipe={recipe} ({params.__name__}), their values{given}:"]
@@ -179,14 +178,21 @@ def help_text(argv: list[str]) -> str:
     return "\n".join(lines)
 
 
+def group_options() -> dict[str, list[str]]:
+    """Each config group of `conf/` with its options, e.g. "model" -> ["auto", "llama2", ...]."""
+    groups = {}
+    for group in sorted(p.name for p in config_dir().iterdir() if p.is_dir()):
+        options = sorted(f.stem for f in (config_dir() / group).glob("*.yaml"))
+        if options:  # conf/hydra/ holds Hydra's own groups, not ours
+            groups[group] = options
+    return groups
+
+
 def _composed_values(overrides: list[str]) -> dict[str, str]:
-    """Each field's value after the YAML options and `overrides`, as dotted name -> text;
-    empty when they do not compose (the run itself will say why)."""
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException):
-        return {}
+    """Each field's value after the YAML options and `overrides`, as dotted name -> text.
+    Overrides that do not compose raise: help must not show defaults as the run's values."""
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
     values: dict[str, str] = {}
 
     def walk(node: object, path: str) -> None:
