@@ -304,15 +304,6 @@ def test_read_records_reads_a_json_list_and_jsonl_alike(tmp_path: Path) -> None:
     assert from_jsonl == from_json == ROWS
 
 
-def test_a_renamed_input_column_that_no_record_has_is_a_user_error(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    with pytest.raises(UserError) as error:
-        read_records(path, {**COLUMNS, "input": "context"})
-    assert str(error.value) == (
-        f"{path}: no record has the field 'context' that dataset.column_map.input names"
-    )
-
-
 def test_read_records_skips_blank_lines_and_ignores_extra_fields(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text("\n" + json.dumps({**ROWS[0], "id": 7}) + "\n  \n" + json.dumps(ROWS[1]))
@@ -370,12 +361,19 @@ def test_a_missing_nested_field_in_json_is_named_by_its_index(tmp_path: Path) ->
     assert str(error.value) == f"{path}[1]: missing field 'data.question'"
 
 
-def test_a_nested_input_that_no_record_has_is_a_user_error(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", NESTED_ROWS)
+@pytest.mark.parametrize(
+    ("rows", "columns", "field"),
+    [(ROWS, COLUMNS, "context"), (NESTED_ROWS, NESTED_COLUMNS, "data.context.txt")],
+    ids=["flat", "nested"],
+)
+def test_a_renamed_input_column_that_no_record_has_is_a_user_error(
+    tmp_path: Path, rows: list[dict], columns: dict[str, str], field: str
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError) as error:
-        read_records(path, {**NESTED_COLUMNS, "input": "data.context.txt"})
+        read_records(path, {**columns, "input": field})
     assert str(error.value) == (
-        f"{path}: no record has the field 'data.context.txt' that dataset.column_map.input names"
+        f"{path}: no record has the field {field!r} that dataset.column_map.input names"
     )
 
 
