@@ -46,6 +46,8 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     """The bad files the cases name, all under `tmp`."""
     (tmp / "notes.txt").write_text("hello\n")
     write_jsonl(tmp / "missing_field.jsonl", [ROW, {"instruction": "a"}])
+    nested = {"data": {"question": "Say hi."}, "output": "Hi."}
+    write_jsonl(tmp / "missing_nested.jsonl", [nested, {"data": {"q": "a"}, "output": "b"}])
     (tmp / "bad_json.jsonl").write_text(json.dumps(ROW) + "\n{not json\n")
     (tmp / "not_a_list.json").write_text('{"instruction": "a"}')
     write_jsonl(tmp / "number_row.jsonl", [ROW])
@@ -127,6 +129,15 @@ def cases(ckpt: Path) -> list[Case]:
         # Data rows: found while reading the data, before the model is loaded.
         reads(
             "row_field", (*run, "dataset.path={tmp}/missing_field.jsonl"), "missing_field.jsonl:2"
+        ),
+        reads(
+            "row_nested_field",
+            (
+                *run,
+                "dataset.path={tmp}/missing_nested.jsonl",
+                "dataset.column_map.instruction=data.question",
+            ),
+            "missing_nested.jsonl:2: missing field 'data.question'",
         ),
         reads(
             "row_json",
