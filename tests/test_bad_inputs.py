@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,15 @@ from tests.conftest import SMALL_MODEL, TINY_TOKENIZER, model_overrides, run_cli
 
 SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
 ROW = {"instruction": "Say hi.", "input": "", "output": "Hi."}
-# An earlier run's outputs, which a failed run must neither delete nor overwrite.
-EARLIER_RUN = {
+# An earlier run's outputs, which a failed run must neither delete nor overwrite: those of a run
+# stopped before its end, and of a finished one, which also left its model and adapter.
+UNFINISHED_RUN = {
     "params.yaml": "lr: 0.001\n",
     "metrics.jsonl": '{"step": 1, "loss": 2.5}\n',
     "loss.png": "\x89PNG earlier plot\n",
+}
+FINISHED_RUN = {
+    **UNFINISHED_RUN,
     "model/config.json": '{"hidden_size": 64}\n',
     "adapter/adapter_config.json": '{"r": 8}\n',
 }
@@ -28,13 +33,21 @@ EARLIER_RUN = {
 class Case:
     id: str
     args: tuple[str, ...]
-    message: str  # a substring of the one error line; `{tmp}` stands for the case's files
+    # A substring of the one error line; `{tmp}` stands for the case's files, `{run}` for the run
+    # directory.
+    message: str
+    # A case that gets as far as reading the data, checkpoint or tokenizer runs where an unfinished
+    # run was: in a finished run's directory a new run stops before it reads anything (the
+    # `finished_run` case).
+    reads_inputs: bool = False
 
 
 def _files(tmp: Path, small_checkpoint: Path) -> None:
     """The bad files the cases name, all under `tmp`."""
     (tmp / "notes.txt").write_text("hello\n")
     write_jsonl(tmp / "missing_field.jsonl", [ROW, {"instruction": "a"}])
+    nested = {"data": {"question": "Say hi."}, "output": "Hi."}
+    write_jsonl(tmp / "missing_nested.jsonl", [nested, {"data": {"q": "a"}, "output": "b"}])
     (tmp / "bad_json.jsonl").write_text(json.dumps(ROW) + "\n{not json\n")
     (tmp / "not_a_list.json").write_text('{"instruction": "a"}')
     write_jsonl(tmp / "number_row.jsonl", [ROW])
@@ -78,10 +91,16 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     (bad_adapter / "adapter_config.json").write_text("{oops")
 
 
+def good_run_args(ckpt: Path, inputs: Path) -> tuple[str, ...]:
+    """The arguments of a run that would succeed, on the good data of `inputs`."""
+    return (f"checkpoint={ckpt}", *SMALL, f"dataset.path={inputs}/good.jsonl")
+
+
 def cases(ckpt: Path) -> list[Case]:
     good = ("dataset.path={tmp}/good.jsonl",)
     run = (f"checkpoint={ckpt}", *SMALL)
     lora = ("recipe=lora", *run, *good)
+    reads = partial(Case, reads_inputs=True)
     return [
         # Overrides: caught while composing or validating the config, before anything is read.
         Case("float_not_a_number", ("lr=abc",), "lr: Value 'abc' of type 'str' could not be"),
@@ -108,20 +127,29 @@ def cases(ckpt: Path) -> list[Case]:
         Case("adapter_missing", ("recipe=lora", "adapter=/no/d"), "adapter: directory not found"),
         Case("resume_missing", ("resume=/no/run",), "resume: directory not found: /no/run"),
         # Data rows: found while reading the data, before the model is loaded.
-        Case(
+        reads(
             "row_field", (*run, "dataset.path={tmp}/missing_field.jsonl"), "missing_field.jsonl:2"
         ),
-        Case(
+        reads(
+            "row_nested_field",
+            (
+                *run,
+                "dataset.path={tmp}/missing_nested.jsonl",
+                "dataset.column_map.instruction=data.question",
+            ),
+            "missing_nested.jsonl:2: missing field 'data.question'",
+        ),
+        reads(
             "row_json",
             (*run, "dataset.path={tmp}/bad_json.jsonl"),
             "bad_json.jsonl:2: invalid JSON",
         ),
-        Case("row_type", (*run, "dataset.path={tmp}/number_row.jsonl"), "number_row.jsonl:2"),
-        Case("json_not_list", (*run, "dataset.path={tmp}/not_a_list.json"), "not_a_list.json"),
-        Case("csv_dup_column", (*run, "dataset.path={tmp}/dup_column.csv"), "dup_column.csv:1"),
-        Case("not_utf8", (*run, "dataset.path={tmp}/latin1.jsonl"), "latin1.jsonl: not UTF-8"),
+        reads("row_type", (*run, "dataset.path={tmp}/number_row.jsonl"), "number_row.jsonl:2"),
+        reads("json_not_list", (*run, "dataset.path={tmp}/not_a_list.json"), "not_a_list.json"),
+        reads("csv_dup_column", (*run, "dataset.path={tmp}/dup_column.csv"), "dup_column.csv:1"),
+        reads("not_utf8", (*run, "dataset.path={tmp}/latin1.jsonl"), "latin1.jsonl: not UTF-8"),
         # Checkpoints.
-        Case(
+        reads(
             "ckpt_empty",
             ("checkpoint={tmp}/empty_dir", "tokenizer=" + str(TINY_TOKENIZER), *SMALL, *good),
             "empty_dir",
@@ -129,13 +157,13 @@ def cases(ckpt: Path) -> list[Case]:
         Case(
             "ckpt_empty_dir", ("checkpoint={tmp}/empty_dir",), "checkpoint: {tmp}/empty_dir is an"
         ),
-        Case("ckpt_arch", (f"checkpoint={ckpt}", *good), "hidden_size=64 but model.dim=256"),
-        Case(
+        reads("ckpt_arch", (f"checkpoint={ckpt}", *good), "hidden_size=64 but model.dim=256"),
+        reads(
             "ckpt_corrupt",
             ("checkpoint={tmp}/corrupt_checkpoint", *SMALL, *good),
             "model.safetensors: not a readable",
         ),
-        Case(
+        reads(
             "ckpt_no_config",
             (
                 "checkpoint={tmp}/no_config_checkpoint",
@@ -145,13 +173,15 @@ def cases(ckpt: Path) -> list[Case]:
             ),
             "no config.json",
         ),
-        Case(
+        reads(
             "ckpt_rope_scaling",
             ("checkpoint={tmp}/rope_scaled_checkpoint", *SMALL, *good),
             'config.json: rope_scaling={"type": "linear", "factor": 2.0} is not supported',
         ),
-        Case("adapter_rank", (*lora, "adapter={tmp}/rank4_adapter"), "adapter_config.json: r is 4"),
-        Case(
+        reads(
+            "adapter_rank", (*lora, "adapter={tmp}/rank4_adapter"), "adapter_config.json: r is 4"
+        ),
+        reads(
             "adapter_json",
             (*lora, "adapter={tmp}/bad_json_adapter"),
             "adapter_config.json: not valid JSON",
@@ -164,14 +194,20 @@ def cases(ckpt: Path) -> list[Case]:
             ("checkpoint={tmp}/parent/no_tokenizer_checkpoint",),
             "tokenizer: no tokenizer.model or tokenizer.json",
         ),
-        Case(
+        reads(
             "tok_garbage",
             (*run, *good, "tokenizer={tmp}/garbage.model"),
             "garbage.model: not a SentencePiece model",
         ),
-        Case("tok_json_garbage", (*run, *good, "tokenizer={tmp}/garbage.json"), "garbage.json"),
-        Case("tok_vocab", (*run, *good, "model.vocab_size=1000"), "tokenizer has 4096 tokens but"),
+        reads("tok_json_garbage", (*run, *good, "tokenizer={tmp}/garbage.json"), "garbage.json"),
+        reads("tok_vocab", (*run, *good, "model.vocab_size=1000"), "tokenizer has 4096 tokens but"),
         # The output directory, checked before anything is read.
+        Case(
+            "finished_run",
+            (*run, *good),
+            "{run}/adapter: holds the adapter of a finished run; choose another hydra.run.dir "
+            "(with adapter={run}/adapter to train it further)",
+        ),
         Case(
             "output_not_a_dir",
             (*run, *good, "output_dir={tmp}/notes.txt/out"),
@@ -190,6 +226,12 @@ def inputs(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return tmp
 
 
+def write_files(directory: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+
+
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(run_dir)): p.read_bytes()
@@ -204,15 +246,13 @@ def test_bad_input_exits_2_naming_the_problem_and_keeps_earlier_outputs(
 ) -> None:
     case = cases(small_checkpoint)[index]
     run_dir = tmp_path / "run"
-    for name, text in EARLIER_RUN.items():
-        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / name).write_text(text)
+    write_files(run_dir, UNFINISHED_RUN if case.reads_inputs else FINISHED_RUN)
     before = snapshot(run_dir)
 
     args = [a.replace("{tmp}", str(inputs)) for a in case.args]
     result = run_cli(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
 
-    message = case.message.replace("{tmp}", str(inputs))
+    message = case.message.replace("{tmp}", str(inputs)).replace("{run}", str(run_dir))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (args, result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -223,3 +263,55 @@ def test_bad_input_exits_2_naming_the_problem_and_keeps_earlier_outputs(
     assert {
         k: v for k, v in after.items() if not k.startswith(".hydra/") and k != "finetune.log"
     } == before
+
+
+def test_a_new_run_where_a_finished_run_left_its_model_is_refused_and_told_how_to_go_on(
+    small_checkpoint: Path, inputs: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = good_run_args(small_checkpoint, inputs)
+    first = run_cli(*args, "max_steps=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    earlier = snapshot(run_dir)
+
+    rerun = run_cli(*args, "max_steps=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert rerun.returncode == 2
+    assert rerun.stderr.strip() == (
+        f"error: {run_dir}/model: holds the model of a finished run; choose another "
+        f"hydra.run.dir (with checkpoint={run_dir}/model to train it further)"
+    )
+    assert {k: v for k, v in snapshot(run_dir).items() if not k.startswith(".hydra/")} == {
+        k: v for k, v in earlier.items() if not k.startswith(".hydra/")
+    }
+
+    # The way forward the message gives works.
+    further = tmp_path / "further"
+    go_on = run_cli(
+        *args,
+        f"checkpoint={run_dir}/model",
+        "max_steps=1",
+        f"hydra.run.dir={further}",
+        cwd=tmp_path,
+    )
+    assert go_on.returncode == 0, go_on.stderr
+    assert (further / "model" / "model.safetensors").is_file()
+
+
+def test_a_new_run_where_a_finished_run_left_only_its_adapter_is_refused(
+    small_checkpoint: Path, inputs: Path, tmp_path: Path
+) -> None:
+    """A LoRA run with save_merged=false leaves adapter/ and no model/."""
+    run_dir = tmp_path / "run"
+    write_files(run_dir, {"adapter/adapter_config.json": '{"r": 8}\n'})
+    result = run_cli(
+        "recipe=lora",
+        *good_run_args(small_checkpoint, inputs),
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {run_dir}/adapter: holds the adapter of a finished run; choose another "
+        f"hydra.run.dir (with adapter={run_dir}/adapter to train it further)"
+    )
+    assert snapshot(run_dir / "adapter") == {"adapter_config.json": b'{"r": 8}\n'}

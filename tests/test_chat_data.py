@@ -200,6 +200,39 @@ def test_openai_messages_and_sharegpt_conversations_read_the_same(tmp_path: Path
     assert read_conversations(path, "messages") == [EXPECTED, EXPECTED]
 
 
+def test_sharegpt_user_and_assistant_roles_tokenize_like_human_and_gpt(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    names = {"human": "user", "gpt": "assistant"}
+    renamed = {
+        "conversations": [
+            {**m, "from": names.get(m["from"], m["from"])} for m in SHAREGPT["conversations"]
+        ]
+    }
+    assert [m["from"] for m in renamed["conversations"]] == ["system", "user", "assistant"]
+    cfg = DatasetConfig(path=str(write_jsonl(tmp_path / "a.jsonl", [SHAREGPT])), format="chat")
+    renamed_cfg = DatasetConfig(
+        path=str(write_jsonl(tmp_path / "b.jsonl", [renamed])), format="chat"
+    )
+    expected = load_dataset(cfg, tokenizer, max_seq_len=512)
+    assert load_dataset(renamed_cfg, tokenizer, max_seq_len=512) == expected
+    assert expected == [tokenize_chat(EXPECTED, tokenizer, 512, train_on_input=False)]
+
+
+def test_column_map_messages_may_name_a_nested_field(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"data": {"dialog": OPENAI["messages"]}}])
+    assert read_conversations(path, "data.dialog") == [EXPECTED]
+
+
+def test_a_missing_nested_messages_field_is_named_with_its_dots(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"data": {"text": "Hi"}}])
+    with pytest.raises(UserError) as error:
+        read_conversations(path, "data.dialog")
+    assert str(error.value) == (
+        f"{path}:1: missing field 'data.dialog' (or ShareGPT's 'conversations')"
+    )
+
+
 def test_column_map_messages_names_the_field(tmp_path: Path, tokenizer: Tokenizer) -> None:
     path = write_jsonl(tmp_path / "chat.jsonl", [{"dialog": OPENAI["messages"]}])
     cfg = DatasetConfig(path=str(path), format="chat", column_map=ColumnMap(messages="dialog"))
@@ -249,7 +282,8 @@ MALFORMED = [
     ({"messages": [{"role": "system", "content": "x"}, USER]}, "no assistant message to train on"),
     (
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}]},
-        "conversations[1]: unknown from 'bot'; expected one of: system, human, gpt",
+        "conversations[1]: unknown from 'bot'; expected one of: system, human, gpt, user, "
+        "assistant",
     ),
     (
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt"}]},

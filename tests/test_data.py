@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from omegaconf import OmegaConf
 
 from finetune.config import DATASET_FORMATS, ColumnMap, DatasetConfig
 from finetune.data import (
@@ -24,7 +25,7 @@ from finetune.data import (
 )
 from finetune.errors import UserError
 from finetune.tokenizer import Tokenizer
-from tests.conftest import TINY_TOKENIZER, write_jsonl
+from tests.conftest import TINY_TOKENIZER, compose_config, write_jsonl
 
 # Each part of an Alpaca record -> the field of the file that holds it (no renaming).
 COLUMNS = {"instruction": "instruction", "input": "input", "output": "output"}
@@ -303,15 +304,6 @@ def test_read_records_reads_a_json_list_and_jsonl_alike(tmp_path: Path) -> None:
     assert from_jsonl == from_json == ROWS
 
 
-def test_a_renamed_input_column_that_no_record_has_is_a_user_error(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    with pytest.raises(UserError) as error:
-        read_records(path, {**COLUMNS, "input": "context"})
-    assert str(error.value) == (
-        f"{path}: no record has the field 'context' that dataset.column_map.input names"
-    )
-
-
 def test_read_records_skips_blank_lines_and_ignores_extra_fields(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text("\n" + json.dumps({**ROWS[0], "id": 7}) + "\n  \n" + json.dumps(ROWS[1]))
@@ -323,6 +315,95 @@ def test_read_records_renames_columns_with_column_map(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     records = read_records(path, {**COLUMNS, "instruction": "question", "output": "answer"})
     assert records == [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
+
+
+NESTED_ROWS = [
+    {"data": {"question": "Say hi.", "context": {"text": "politely"}}, "answer": "Hi."},
+    {"data": {"question": "Count.", "context": {"text": ""}}, "answer": "1, 2"},
+]
+NESTED_COLUMNS = {"instruction": "data.question", "input": "data.context.text", "output": "answer"}
+
+
+def test_dotted_column_map_reads_nested_fields_of_json_and_jsonl(tmp_path: Path) -> None:
+    expected = [
+        {"instruction": "Say hi.", "input": "politely", "output": "Hi."},
+        {"instruction": "Count.", "input": "", "output": "1, 2"},
+    ]
+    from_jsonl = read_records(write_jsonl(tmp_path / "d.jsonl", NESTED_ROWS), NESTED_COLUMNS)
+    from_json = read_records(write_json(tmp_path / "d.json", NESTED_ROWS), NESTED_COLUMNS)
+    assert from_jsonl == from_json == expected
+
+
+def test_a_key_with_a_dot_in_it_is_read_by_its_whole_name(tmp_path: Path) -> None:
+    rows = [{"data.question": "Say hi.", "data": {"question": "not this"}, "output": "Hi."}]
+    records = read_records(
+        write_jsonl(tmp_path / "d.jsonl", rows), {**COLUMNS, "instruction": "data.question"}
+    )
+    assert records == [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"context": {"text": ""}}, "Say hi.", {"question": None}],
+    ids=["absent", "parent-not-an-object", "null"],
+)
+def test_a_missing_nested_field_names_line_and_dotted_field(tmp_path: Path, data: object) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [NESTED_ROWS[0], {"data": data, "answer": "x"}])
+    with pytest.raises(UserError) as error:
+        read_records(path, NESTED_COLUMNS)
+    assert str(error.value) == f"{path}:2: missing field 'data.question'"
+
+
+def test_a_missing_nested_field_in_json_is_named_by_its_index(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "d.json", [NESTED_ROWS[0], {"data": {}, "answer": "x"}])
+    with pytest.raises(UserError) as error:
+        read_records(path, NESTED_COLUMNS)
+    assert str(error.value) == f"{path}[1]: missing field 'data.question'"
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "field"),
+    [(ROWS, COLUMNS, "context"), (NESTED_ROWS, NESTED_COLUMNS, "data.context.txt")],
+    ids=["flat", "nested"],
+)
+def test_a_renamed_input_column_that_no_record_has_is_a_user_error(
+    tmp_path: Path, rows: list[dict], columns: dict[str, str], field: str
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UserError) as error:
+        read_records(path, {**columns, "input": field})
+    assert str(error.value) == (
+        f"{path}: no record has the field {field!r} that dataset.column_map.input names"
+    )
+
+
+def test_a_dotted_column_map_override_reaches_the_loaded_examples(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", NESTED_ROWS)
+    flat = write_jsonl(
+        tmp_path / "flat.jsonl",
+        [
+            {
+                "instruction": r["data"]["question"],
+                "input": r["data"]["context"]["text"],
+                "output": r["answer"],
+            }
+            for r in NESTED_ROWS
+        ],
+    )
+    cfg = compose_config(
+        [
+            f"dataset.path={path}",
+            "dataset.column_map.instruction=data.question",
+            "dataset.column_map.input=data.context.text",
+            "dataset.column_map.output=answer",
+        ]
+    )
+    nested = OmegaConf.to_object(cfg.dataset)
+    assert load_dataset(nested, tokenizer, 256) == load_dataset(
+        DatasetConfig(path=str(flat)), tokenizer, 256
+    )
 
 
 def test_read_records_reads_a_missing_or_null_input_as_empty(tmp_path: Path) -> None:

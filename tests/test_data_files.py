@@ -89,6 +89,20 @@ def test_csv_columns_are_renamed_by_the_column_map(tmp_path: Path) -> None:
     assert records == [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
 
 
+def test_csv_dotted_column_name_is_a_plain_column(tmp_path: Path) -> None:
+    """CSV has no nesting: `data.question` names the column headed "data.question"."""
+    path = write_csv(tmp_path / "d.csv", [["data.question", "output"], ["Say hi.", "Hi."]])
+    records = read_records(path, {**COLUMNS, "instruction": "data.question"})
+    assert records == [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
+
+
+def test_csv_without_the_dotted_column_names_it_as_missing(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", [["data", "output"], ["Say hi.", "Hi."]])
+    with pytest.raises(UserError) as error:
+        read_records(path, {**COLUMNS, "instruction": "data.question"})
+    assert str(error.value) == f"{path}:2: missing field 'data.question'"
+
+
 def test_csv_blank_lines_are_skipped(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("instruction,output\n\na,b\n\nc,d\n")
@@ -184,6 +198,35 @@ def test_parquet_rows_are_read_across_row_groups_in_order(
     assert parquet.ParquetFile(path).num_row_groups == 3
     assert [where for where, _ in read_rows(path)] == [f"{path}[{i}]" for i in range(25)]
     assert [r["output"] for r in read_records(path, COLUMNS)] == [f"a{i}" for i in range(25)]
+
+
+NESTED = [
+    {"data": {"question": "Say hi.", "context": "politely"}, "answer": "Hi."},
+    {"data": {"question": "Count.", "context": None}, "answer": "1, 2"},
+]
+NESTED_COLUMNS = {"instruction": "data.question", "input": "data.context", "output": "answer"}
+
+
+def test_parquet_struct_columns_are_read_by_dotted_names(
+    parquet: ModuleType, tmp_path: Path
+) -> None:
+    path = write_parquet(tmp_path / "d.parquet", NESTED)
+    assert parquet.read_schema(path).field("data").type.num_fields == 2  # a struct column
+    from_jsonl = read_records(write_jsonl(tmp_path / "d.jsonl", NESTED), NESTED_COLUMNS)
+    assert read_records(path, NESTED_COLUMNS) == from_jsonl
+    assert from_jsonl[0] == {"instruction": "Say hi.", "input": "politely", "output": "Hi."}
+
+
+@pytest.mark.parametrize(
+    "data", [None, {"question": None, "context": "x"}], ids=["struct", "field"]
+)
+def test_parquet_null_nested_field_is_named_by_row(
+    parquet: ModuleType, tmp_path: Path, data: dict | None
+) -> None:
+    path = write_parquet(tmp_path / "d.parquet", [NESTED[0], {"data": data, "answer": "x"}])
+    with pytest.raises(UserError) as error:
+        read_records(path, NESTED_COLUMNS)
+    assert str(error.value) == f"{path}[1]: missing field 'data.question'"
 
 
 def test_parquet_null_input_is_empty(parquet: ModuleType, tmp_path: Path) -> None:

@@ -226,13 +226,15 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
 def test_a_full_disk_while_saving_the_model_keeps_the_earlier_model(
     small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    full.run(small_params(small_checkpoint, tmp_path, "max_steps=1"))
+    run = ("max_steps=1", "save_every_n_steps=1")
+    full.run(small_params(small_checkpoint, tmp_path, *run))
     model_dir = tmp_path / "model"
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
 
+    # Resumed, as only a resumed run may replace a finished run's model.
     fail_writes_after(monkeypatch, checkpoint, "save_file", 0)
     with pytest.raises(UserError) as error:
-        full.run(small_params(small_checkpoint, tmp_path, "max_steps=2"))
+        full.run(small_params(small_checkpoint, tmp_path, *run, "resume=true"))
     assert str(error.value) == (
         f"{model_dir}: could not write it (No space left on device); its previous contents are kept"
     )
@@ -290,6 +292,9 @@ def test_a_new_run_refuses_a_directory_with_another_runs_checkpoints(
     small_checkpoint: Path, tmp_path: Path
 ) -> None:
     full.run(small_params(small_checkpoint, tmp_path, "max_steps=4", "save_every_n_steps=2"))
+    # As a run stopped before its end leaves it: checkpoints, no model (a finished run's model
+    # refuses a new run first).
+    shutil.rmtree(tmp_path / "model")
     with pytest.raises(UserError) as error:
         full.run(small_params(small_checkpoint, tmp_path, "max_steps=4"))
     assert str(error.value) == (

@@ -124,6 +124,7 @@ class DatasetConfig:
     )
 
     def __post_init__(self) -> None:
+        self.path, self.val_path = absolute_path(self.path), absolute_path(self.val_path)
         if self.format not in DATASET_FORMATS:
             raise ConfigError(
                 "dataset.format",
@@ -210,6 +211,11 @@ class FullFinetuneParams:
     )
 
     def __post_init__(self) -> None:
+        self.checkpoint = absolute_path(self.checkpoint)
+        self.tokenizer = absolute_path(self.tokenizer)
+        self.output_dir = absolute_path(self.output_dir)
+        if self.resume.lower() not in RESUME_WORDS:
+            self.resume = absolute_path(self.resume)
         _require(self.lr > 0, "lr", "must be > 0", self.lr)
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
@@ -268,7 +274,7 @@ class FullFinetuneParams:
         )
         _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)", self.seed)
         _require(self.keep_last_n >= 0, "keep_last_n", "must be >= 0", self.keep_last_n)
-        if self.resume and self.resume.lower() not in ("true", "latest", "false"):
+        if self.resume and self.resume.lower() not in RESUME_WORDS:
             _require_dir(self.resume, "resume")
         for key in ("eval_every_n_steps", "early_stopping_patience"):
             if getattr(self, key) and not self.dataset.has_validation:
@@ -284,6 +290,19 @@ class FullFinetuneParams:
         if not self.tokenizer:
             self.tokenizer = str(_checkpoint_tokenizer(Path(self.checkpoint)))
         _require_file(self.tokenizer, "tokenizer", suffixes=TOKENIZER_SUFFIXES)
+
+
+# The values of `resume` that are not a path.
+RESUME_WORDS = ("true", "latest", "false")
+
+
+def absolute_path(path: str) -> str:
+    """`path` with `~` expanded, relative to the directory the command ran in ("" stays unset).
+
+    Hydra does not chdir (version_base 1.3), so that is the process's working directory. Saved
+    absolute, params.yaml and the adapter's base model name work from any other directory.
+    """
+    return str(Path(path).expanduser().absolute()) if path else ""
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -382,6 +401,7 @@ class LoraFinetuneParams(FullFinetuneParams):
     save_merged: bool = option(True, "also write model/: the base with the adapters merged in")
 
     def __post_init__(self) -> None:
+        self.adapter = absolute_path(self.adapter)
         super().__post_init__()
         if self.adapter:
             _require_dir(self.adapter, "adapter")

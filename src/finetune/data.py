@@ -6,6 +6,8 @@ Two layouts (`dataset.format`):
 * chat: conversations, OpenAI's `messages` of {role, content} or ShareGPT's `conversations` of
   {from, value}, in Llama-2's chat format.
 
+`dataset.column_map` names the field of each part; a dotted name reads a nested field.
+
 Files: .json (a list of records), .jsonl, .csv (alpaca only; a header line names the columns) and
 .parquet (read by pyarrow, an optional dependency: `pip install 'finetune[parquet]'`).
 """
@@ -168,6 +170,27 @@ def _import_parquet(path: Path) -> tuple[Any, type[Exception]]:
     return pyarrow.parquet, pyarrow.ArrowException
 
 
+# What `field_value` returns for a field that is not there, to tell it from a null value.
+ABSENT = object()
+
+
+def field_value(row: dict, name: str, absent: object = None) -> object:
+    """`row[name]`; or, when there is no such key, the nested field that a dotted `name` names:
+    "data.question" is `row["data"]["question"]`. `absent` when the field is not there.
+
+    The whole name is tried first, so a CSV column (CSV has no nesting) or a JSON key with a dot
+    in it is still found by its name.
+    """
+    if name in row:
+        return row[name]
+    value: object = row
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return absent
+        value = value[part]
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # Alpaca
 # --------------------------------------------------------------------------------------------
@@ -187,14 +210,15 @@ ALPACA_PARTS = ("instruction", "input", "output")
 
 
 def read_records(path: Path, column_map: dict[str, str]) -> list[dict]:
-    """Alpaca records of a data file as {part: text}; `column_map` maps part -> field."""
+    """Alpaca records of a data file as {part: text}; `column_map` maps part -> field, which
+    may be a dotted path into nested objects (see `field_value`)."""
     records = []
     input_seen = False
     for where, row in read_rows(path):
-        input_seen = input_seen or column_map["input"] in row
+        input_seen = input_seen or field_value(row, column_map["input"], ABSENT) is not ABSENT
         record = {}
         for name, source in column_map.items():
-            value = row.get(source)
+            value = field_value(row, source)
             if value is None and name == "input":
                 value = ""  # an absent or null input means "no input"
             if value is None:
@@ -242,7 +266,14 @@ def tokenize_alpaca(
 
 # The roles of a conversation, and ShareGPT's names for them.
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+# Exports of ShareGPT-style data use either human/gpt or user/assistant in `from`.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "gpt": "assistant",
+    "user": "user",
+    "assistant": "assistant",
+}
 # ShareGPT's field for the list of messages, read when a record lacks column_map.messages.
 SHAREGPT_FIELD = "conversations"
 
@@ -269,10 +300,11 @@ def read_conversations(path: Path, messages_field: str) -> list[list[Message]]:
 
 def _conversation(where: str, row: dict, messages_field: str) -> list[Message]:
     field = messages_field
-    if field not in row and SHAREGPT_FIELD in row:
+    raw = field_value(row, field, ABSENT)
+    if raw is ABSENT and SHAREGPT_FIELD in row:
         field = SHAREGPT_FIELD
-    raw = row.get(field)
-    if raw is None:
+        raw = row[field]
+    if raw is None or raw is ABSENT:
         raise UserError(
             f"{where}: missing field {messages_field!r} (or ShareGPT's 'conversations')"
         )

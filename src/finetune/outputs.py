@@ -106,6 +106,23 @@ def check_writable(directory: Path, key: str = "output_dir") -> None:
         ) from None
 
 
+# What a finished run leaves in its directory, by the option that trains it further: the adapter
+# of recipe=lora (looked at first, as such a run also leaves model/), and the model.
+FINISHED_RUN_DIRS = {"adapter": "adapter", "model": "checkpoint"}
+
+
+def check_no_finished_run(output_dir: Path) -> None:
+    """Refuse to start a new run where a finished one left its adapter or model, which the new
+    run would replace when it ends."""
+    for name, option in FINISHED_RUN_DIRS.items():
+        found = output_dir / name
+        if found.is_dir():
+            raise UserError(
+                f"{found}: holds the {name} of a finished run; choose another hydra.run.dir "
+                f"(with {option}={found} to train it further)"
+            )
+
+
 def check_free_space(
     model: Llama, params: FullFinetuneParams, steps: int, checkpoints_on_disk: int
 ) -> None:

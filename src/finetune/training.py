@@ -42,7 +42,12 @@ from finetune.loss import chunked_cross_entropy
 from finetune.meta_format import save_meta
 from finetune.metrics import MetricsLog, drop_rows_after
 from finetune.model import Llama, count_parameters
-from finetune.outputs import atomic_directory, check_free_space, check_writable
+from finetune.outputs import (
+    atomic_directory,
+    check_free_space,
+    check_no_finished_run,
+    check_writable,
+)
 from finetune.state import (
     TrainingState,
     capture_rng,
@@ -67,6 +72,8 @@ P = TypeVar("P", bound=FullFinetuneParams)
 def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
     """What every recipe does first: seed, pick the device, tokenize the data."""
     check_writable(Path(params.output_dir))
+    if not is_resuming(params.resume):  # a resumed run is meant to replace its model
+        check_no_finished_run(Path(params.output_dir))
     check_resume_before_loading(params.resume, Path(params.output_dir))
     seed_everything(params.seed)
     device = resolve_device(params.device)
