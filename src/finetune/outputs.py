@@ -138,7 +138,8 @@ def checkpoints_at_once(params: FullFinetuneParams, steps: int) -> int:
     every = params.save_every_n_steps
     if not every:
         return 0
-    saves = steps // every + params.epochs  # every n steps, and at each epoch's end
+    # Every n steps, at each epoch's end, and at the last step.
+    saves = steps // every + params.epochs + (1 if steps % every else 0)
     # Pruning happens after a save, so keep_last_n + 1 exist for a moment.
     return min(saves, params.keep_last_n + 1) if params.keep_last_n else saves
 
