@@ -9,8 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from tests.conftest import SMALL_MODEL, TINY_TOKENIZER, model_overrides, run_cli, write_jsonl
+from tests.conftest import (
+    SMALL_MODEL,
+    TINY_TOKENIZER,
+    compose_config,
+    model_overrides,
+    run_cli,
+    write_jsonl,
+)
 
 SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
 ROW = {"instruction": "Say hi.", "input": "", "output": "Hi."}
@@ -73,6 +81,11 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     rank4 = tmp / "rank4_adapter"
     rank4.mkdir()
     (rank4 / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    # A past run's saved config (rerun with `--config-path <run>/.hydra`), edited to hold a key
+    # no recipe has.
+    saved = tmp / "saved_run" / ".hydra"
+    saved.mkdir(parents=True)
+    (saved / "config.yaml").write_text(OmegaConf.to_yaml(compose_config([])) + "epoch: 3\n")
     bad_adapter = tmp / "bad_json_adapter"
     bad_adapter.mkdir()
     (bad_adapter / "adapter_config.json").write_text("{oops")
@@ -95,6 +108,18 @@ def cases(ckpt: Path) -> list[Case]:
         Case("lora_rank_zero", ("recipe=lora", "lora.rank=0"), "lora.rank: must be >= 1, got 0"),
         Case("lora_target", ("recipe=lora", "lora.targets=[nope]"), "lora.targets: unknown 'nope'"),
         Case("lora_key_in_full", ("recipe=full", "lora.rank=8"), "lora: Key 'lora' not in"),
+        Case(
+            "rerun_unknown_key",
+            # A rerun logs under Hydra's default job name unless given the one finetune uses.
+            (
+                "--config-path",
+                "{tmp}/saved_run/.hydra",
+                "--config-name",
+                "config",
+                "hydra.job.name=finetune",
+            ),
+            "epoch: unknown key; valid keys: model, dataset, checkpoint",
+        ),
         # Files named by the config.
         Case("data_missing", ("dataset.path=/no/such.json",), "dataset.path: file not found"),
         Case("data_suffix", ("dataset.path={tmp}/notes.txt",), "dataset.path: expected a .json"),

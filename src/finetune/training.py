@@ -40,7 +40,7 @@ from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.lora import output_weight
 from finetune.loss import chunked_cross_entropy
 from finetune.meta_format import save_meta
-from finetune.metrics import MetricsLog, drop_rows_after
+from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
 from finetune.model import Llama, count_parameters
 from finetune.outputs import atomic_directory, check_free_space, check_writable
 from finetune.state import (
@@ -58,6 +58,7 @@ from finetune.state import (
     save_checkpoint,
     step_dir,
 )
+from finetune.sweep import job_prefix
 from finetune.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -367,7 +368,8 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     """Run the training loop on `examples`, less any held-out validation part.
 
     Returns the last validation loss when there is validation data (the number worth comparing
-    between runs, e.g. in a sweep), else the loss of the last training step.
+    between runs, e.g. in a sweep), else the mean training loss over the last 10 % of the steps
+    (see `late_loss`): one step's loss is too noisy to compare runs by.
     """
     examples, val_examples = split_validation(examples, params)
     device = next(model.parameters()).device
@@ -397,7 +399,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     # A resumed run continues the rows of the run it resumes, less those of the steps it redoes;
     # a new run in an old run's directory starts the file afresh.
     drop_rows_after(metrics_path, state.step)
-    metrics = MetricsLog(metrics_path, total_steps=steps)
+    metrics = MetricsLog(metrics_path, total_steps=steps, prefix=job_prefix())
     batches_per_epoch = math.ceil(len(examples) / params.batch_size)
 
     def save(epoch_ended: bool, stopping_now: bool) -> Path | None:
@@ -471,7 +473,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             if step == steps:
                 break
     metrics.close()
-    return state.val_loss if val_examples else loss
+    return state.val_loss if val_examples else late_loss(read_metrics(metrics_path))
 
 
 def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFinetuneParams) -> str:
