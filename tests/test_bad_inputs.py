@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from finetune.recipes import full
 from tests.conftest import (
     SMALL_MODEL,
     TINY_TOKENIZER,
     compose_config,
     model_overrides,
     run_cli,
+    small_params,
     write_jsonl,
 )
 
@@ -86,6 +88,10 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     saved = tmp / "saved_run" / ".hydra"
     saved.mkdir(parents=True)
     (saved / "config.yaml").write_text(OmegaConf.to_yaml(compose_config([])) + "epoch: 3\n")
+    # A finished run of 2 steps, with the checkpoint of its last step.
+    full.run(
+        small_params(small_checkpoint, tmp / "finished_run", "max_steps=2", "save_every_n_steps=5")
+    )
     bad_adapter = tmp / "bad_json_adapter"
     bad_adapter.mkdir()
     (bad_adapter / "adapter_config.json").write_text("{oops")
@@ -132,6 +138,12 @@ def cases(ckpt: Path) -> list[Case]:
         Case("ckpt_missing", ("checkpoint=/no/such/dir",), "checkpoint: directory not found"),
         Case("adapter_missing", ("recipe=lora", "adapter=/no/d"), "adapter: directory not found"),
         Case("resume_missing", ("resume=/no/run",), "resume: directory not found: /no/run"),
+        Case(
+            "resume_shorter",
+            (*run, "batch_size=2", "max_steps=1", "resume={tmp}/finished_run"),
+            "step_000002: saved at step 2, after the 1 step of this run (max_steps=1); resume "
+            "with a larger max_steps or epochs",
+        ),
         # Data rows: found while reading the data, before the model is loaded.
         Case(
             "row_field", (*run, "dataset.path={tmp}/missing_field.jsonl"), "missing_field.jsonl:2"

@@ -102,7 +102,7 @@ class SweepReport(Callback):
         best = best_job(rows)
         if best is not None:
             print(f"best job: {best.job} ({best.overrides}): {best_metric(best)}")
-        if stop_signal is not None:
+        if stop_signal is not None and any(row.status != "completed" for row in rows):
             # Raised, not returned: Hydra lets a SystemExit through its callbacks, and so the
             # sweep ends with the signal's status, as an interrupted single run does.
             print(interrupted_sweep_message(rows, config), flush=True)
@@ -251,7 +251,7 @@ def interrupted_sweep_message(rows: list[JobRow], config: DictConfig) -> str:
 
 def sweep_resume_command(config: DictConfig) -> str:
     """The sweep's own command line in its own directory, with resume=true: completed jobs are
-    kept, interrupted ones continue from their checkpoint, the others start (see resumed_job)."""
+    kept, interrupted ones continue from their checkpoint, the others start (see __main__._task)."""
     overrides = config.hydra.overrides
     given = [*overrides.hydra, *overrides.task]
     replaced = ("hydra.sweep.dir=", "hydra.mode=", "resume=")  # -m stands for hydra.mode

@@ -557,8 +557,14 @@ def resume(
             f"{directory}: saved with {saved}, but this run has {now}; resume with the "
             "settings of the run it continues"
         )
-    print(f"resuming from {directory} at step {state.step}", flush=True)
     lengthened = [key for key in LENGTH_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
+    if lengthened and steps < state.step:
+        now = ", ".join(f"{key}={ours[key]}" for key in lengthened)
+        raise UserError(
+            f"{directory}: saved at step {state.step}, after the {count(steps, 'step')} of this "
+            f"run ({now}); resume with a larger max_steps or epochs"
+        )
+    print(f"resuming from {directory} at step {state.step}", flush=True)
     if lengthened:
         log.info(length_change(state, params, lengthened, steps))
     # Later checkpoints record this run's length, so that resuming one changes nothing again.
