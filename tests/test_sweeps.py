@@ -357,3 +357,48 @@ def test_a_run_returns_its_mean_loss_over_the_last_tenth_of_steps(
     assert [r["step"] for r in rows] == list(range(1, 21))
     # What a sweeper minimises: steps 19 and 20, not step 20 alone.
     assert returned == (rows[18]["loss"] + rows[19]["loss"]) / 2
+
+
+# Run as `python -c CTRL_C_WHILE_LOADING ARGS...`: a sweep whose second job gets Ctrl-C while its
+# model loads, before training (and its signal handler) starts.
+CTRL_C_WHILE_LOADING = """
+import sys
+from finetune.recipes import full
+real_load, calls = full.load_checkpoint, []
+
+def load(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise KeyboardInterrupt
+    return real_load(*args, **kwargs)
+
+full.load_checkpoint = load
+sys.argv = ["finetune", *sys.argv[1:]]
+from finetune.__main__ import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_job_loads_stops_the_sweep_with_its_report(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "lr=0.0001,0.0002,0.0003", *small_job(small_checkpoint, sweep_dir)]
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_LOADING, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 128 + signal.SIGINT, result.stderr
+    rows = read_summary(sweep_dir)
+    assert [(r["status"], r["error"]) for r in rows] == [
+        ("completed", ""),
+        ("interrupted", "stopped by SIGINT; no checkpoint saved"),
+        ("not run", "the sweep was interrupted before this job"),
+    ]
+    assert "SIGINT: the sweep stopped at job 1 (stopped by SIGINT; no checkpoint saved); " in (
+        result.stdout
+    )
+    assert "Traceback" not in result.stderr
