@@ -10,8 +10,20 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from tests.conftest import SMALL_MODEL, TINY_TOKENIZER, model_overrides, run_cli, write_jsonl
+from finetune.errors import UserError
+from finetune.outputs import check_no_finished_run
+from finetune.recipes import full
+from tests.conftest import (
+    SMALL_MODEL,
+    TINY_TOKENIZER,
+    compose_config,
+    model_overrides,
+    run_cli,
+    small_params,
+    write_jsonl,
+)
 
 SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
 ROW = {"instruction": "Say hi.", "input": "", "output": "Hi."}
@@ -86,6 +98,15 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     rank4 = tmp / "rank4_adapter"
     rank4.mkdir()
     (rank4 / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    # A past run's saved config (rerun with `--config-path <run>/.hydra`), edited to hold a key
+    # no recipe has.
+    saved = tmp / "saved_run" / ".hydra"
+    saved.mkdir(parents=True)
+    (saved / "config.yaml").write_text(OmegaConf.to_yaml(compose_config([])) + "epoch: 3\n")
+    # A finished run of 2 steps, with the checkpoint of its last step.
+    full.run(
+        small_params(small_checkpoint, tmp / "finished_run", "max_steps=2", "save_every_n_steps=5")
+    )
     bad_adapter = tmp / "bad_json_adapter"
     bad_adapter.mkdir()
     (bad_adapter / "adapter_config.json").write_text("{oops")
@@ -114,6 +135,18 @@ def cases(ckpt: Path) -> list[Case]:
         Case("lora_rank_zero", ("recipe=lora", "lora.rank=0"), "lora.rank: must be >= 1, got 0"),
         Case("lora_target", ("recipe=lora", "lora.targets=[nope]"), "lora.targets: unknown 'nope'"),
         Case("lora_key_in_full", ("recipe=full", "lora.rank=8"), "lora: Key 'lora' not in"),
+        Case(
+            "rerun_unknown_key",
+            # A rerun logs under Hydra's default job name unless given the one finetune uses.
+            (
+                "--config-path",
+                "{tmp}/saved_run/.hydra",
+                "--config-name",
+                "config",
+                "hydra.job.name=finetune",
+            ),
+            "epoch: unknown key; valid keys: model, dataset, checkpoint",
+        ),
         # Files named by the config.
         Case("data_missing", ("dataset.path=/no/such.json",), "dataset.path: file not found"),
         Case("data_suffix", ("dataset.path={tmp}/notes.txt",), "dataset.path: expected a .json"),
@@ -126,6 +159,12 @@ def cases(ckpt: Path) -> list[Case]:
         Case("ckpt_missing", ("checkpoint=/no/such/dir",), "checkpoint: directory not found"),
         Case("adapter_missing", ("recipe=lora", "adapter=/no/d"), "adapter: directory not found"),
         Case("resume_missing", ("resume=/no/run",), "resume: directory not found: /no/run"),
+        Case(
+            "resume_shorter",
+            (*run, "batch_size=2", "max_steps=1", "resume={tmp}/finished_run"),
+            "step_000002: saved at step 2, after the 1 step of this run (max_steps=1); resume "
+            "with a larger max_steps or epochs",
+        ),
         # Data rows: found while reading the data, before the model is loaded.
         reads(
             "row_field", (*run, "dataset.path={tmp}/missing_field.jsonl"), "missing_field.jsonl:2"
@@ -315,3 +354,14 @@ def test_a_new_run_where_a_finished_run_left_only_its_adapter_is_refused(
         f"hydra.run.dir (with adapter={run_dir}/adapter to train it further)"
     )
     assert snapshot(run_dir / "adapter") == {"adapter_config.json": b'{"r": 8}\n'}
+
+
+def test_a_finished_run_with_step_checkpoints_is_offered_a_longer_resume(tmp_path: Path) -> None:
+    write_files(tmp_path, {"model/config.json": "{}\n", "checkpoints/step_000004/state.pt": ""})
+    with pytest.raises(UserError) as caught:
+        check_no_finished_run(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path}/model: holds the model of a finished run; choose another hydra.run.dir "
+        f"(with checkpoint={tmp_path}/model to train it further), or resume=true with a larger "
+        "max_steps"
+    )

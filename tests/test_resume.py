@@ -399,3 +399,92 @@ def test_resume_with_other_batches_or_schedule_names_what_changed(
         f"{checkpoint}: saved with batch_size=2, lr=0.001, but this run has batch_size=1, "
         "lr=0.002; resume with the settings of the run it continues"
     )
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if "loss" in json.loads(line)]
+
+
+@pytest.mark.parametrize(
+    ("first", "longer", "steps"),
+    [
+        (("max_steps=3",), ("max_steps=6",), (3, 6)),
+        # 4 steps an epoch: a finished 1-epoch run continued into a second epoch.
+        (("epochs=1", "max_steps=0"), ("epochs=2", "max_steps=0"), (4, 8)),
+    ],
+    ids=["max_steps", "epochs"],
+)
+def test_a_finished_run_trains_for_longer_on_the_schedule_of_the_new_length(
+    first: tuple[str, ...],
+    longer: tuple[str, ...],
+    steps: tuple[int, int],
+    small_checkpoint: Path,
+    small_data: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ended, total = steps
+    schedule = ("warmup_steps=1", "save_every_n_steps=5")
+    full.run(params_for("full", small_checkpoint, small_data, tmp_path, *schedule, *first))
+    # The last step leaves a checkpoint even where save_every_n_steps does not fall on it.
+    assert steps_on_disk(tmp_path) == [f"step_{ended:06d}"]
+    finished = rows_of(tmp_path)
+
+    with caplog.at_level("INFO", logger="finetune.training"):
+        full.run(
+            params_for(
+                "full", small_checkpoint, small_data, tmp_path, *schedule, *longer, "resume=true"
+            )
+        )
+    rows = rows_of(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, total + 1))
+    assert rows[:ended] == finished
+    # From the resumed step on, the lr of a run that was this long from the start: the cosine
+    # decay recomputed over the new length (the finished run's own schedule had reached 0).
+    lr = 1e-3
+    expected = [
+        lr * training.lr_multiplier(step - 1, 1, total) for step in range(ended + 1, total + 1)
+    ]
+    assert [r["lr"] for r in rows[ended:]] == expected
+    assert expected[0] > 0
+    was = ", ".join(o for o in first if o not in longer)
+    now = ", ".join(o for o in longer if o not in first)
+    assert (
+        f"{now} (the checkpoint's run had {was}): training runs to step {total}; the learning "
+        f"rate follows the cosine schedule of a {total}-step run, lr {expected[0]:.3e} at step "
+        f"{ended + 1}"
+    ) in caplog.messages
+    assert steps_on_disk(tmp_path)[-1] == f"step_{total:06d}"
+    # Resuming the longer run's last checkpoint with its own length changes nothing.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="finetune.training"):
+        full.run(
+            params_for(
+                "full", small_checkpoint, small_data, tmp_path, *schedule, *longer, "resume=true"
+            )
+        )
+    assert not [m for m in caplog.messages if "the checkpoint's run had" in m]
+    assert rows_of(tmp_path) == rows
+
+
+def test_a_run_the_data_cannot_fill_says_so_at_the_start(
+    small_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:3]))
+    params = small_params(
+        small_checkpoint, tmp_path, f"dataset.path={data}", "batch_size=8", "max_steps=5"
+    )
+    with caplog.at_level("WARNING", logger="finetune.training"):
+        full.run(params)
+    assert (
+        "3 examples, batch_size=8: 1 step per epoch, so epochs=1 ends after 1 step; "
+        "max_steps=5 needs epochs=5"
+    ) in caplog.messages
+    assert [r["step"] for r in rows_of(tmp_path)] == [1]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune.training"):
+        full.run(small_params(small_checkpoint, tmp_path, f"dataset.path={data}", "max_steps=1"))
+    assert not [m for m in caplog.messages if "per epoch" in m]

@@ -6,22 +6,27 @@ import csv
 import json
 import math
 import pickle
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from finetune import sweep
+from finetune import metrics, sweep
 from finetune.config import register_schemas
+from finetune.recipes import full
 from tests.conftest import (
     CONF_DIR,
     SAMPLE_DATA,
     SMALL_MODEL,
     model_overrides,
     run_cli,
+    small_params,
 )
 
 PLUGINS = [
@@ -95,7 +100,10 @@ def test_report_ranks_by_validation_loss_and_plots_training_loss_without_it(
         ("2.0", "4.0"),
         ("", "1.0"),
     ]
-    assert "best job: 1 (lr=2 seed=1) best val_loss 2.0000" in capsys.readouterr().out
+    assert (
+        "best job: 1 (lr=2 seed=1): best val_loss 2.0000 (ranked by validation loss)"
+        in capsys.readouterr().out
+    )
     _, curves = sweep.read_sweep(tmp_path)
     assert list(curves) == ["lr=1", "lr=2", "lr=3 (train)"]
     assert (tmp_path / "summary.png").stat().st_size > 0
@@ -135,6 +143,7 @@ def test_failed_job_is_reported_and_the_others_still_run(
     assert (failed["status"], failed["error"]) == ("failed", "lr: must be > 0, got -1.0")
     assert completed["status"] == "completed" and completed["steps"] == "2"
     assert "best job: 1 (lr=0.0001 " in result.stdout
+    assert "[job 1] step 2/2 loss " in result.stdout
 
 
 @pytest.mark.slow
@@ -173,6 +182,8 @@ def test_parallel_launcher_runs_two_jobs(small_checkpoint: Path, tmp_path: Path)
     result = run_cli("-m", *launcher, *small_job(small_checkpoint, sweep_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Joblib" in result.stdout
+    # The two jobs' progress lines interleave on one console: each names its job.
+    assert "[job 0] step 2/2 loss " in result.stdout and "[job 1] step 2/2 loss " in result.stdout
     assert [r["status"] for r in read_summary(sweep_dir)] == ["completed"] * 2
 
 
@@ -212,3 +223,182 @@ def test_missing_plugin_names_the_extra_to_install(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert "pip install 'finetune[" in lines[0]
+
+
+def test_report_without_validation_ranks_by_the_mean_loss_of_the_last_tenth_of_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 20 steps: the last 10 % are steps 19 and 20. Job 0 ends on a lucky batch.
+    early = [train_row(step, 4.0) for step in range(1, 19)]
+    write_job(tmp_path, 0, ["lr=1"], [*early, train_row(19, 3.0), train_row(20, 1.0)])
+    write_job(tmp_path, 1, ["lr=2"], [*early, train_row(19, 1.5), train_row(20, 1.6)])
+    sweep.SweepReport().on_multirun_end(
+        OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    )
+    rows = read_summary(tmp_path)
+    assert [(r["final_train_loss"], r["train_loss_last_10pct"]) for r in rows] == [
+        ("1.0", "2.0"),
+        ("1.6", str((1.5 + 1.6) / 2)),
+    ]
+    assert (
+        "best job: 1 (lr=2): training loss 1.5500, the mean over the last 10 % of steps "
+        "(ranked by training loss; set dataset.val_split to compare the jobs on held-out data)"
+    ) in capsys.readouterr().out
+
+
+def test_sampled_values_show_three_significant_figures(tmp_path: Path) -> None:
+    write_job(tmp_path, 0, ["lr=0.000123456789", "lora.rank=16"], [train_row(1, 2.0)])
+    write_job(tmp_path, 1, ["lr=1e-4", "lora.rank=8"], [train_row(1, 3.0)])
+    rows, curves = sweep.read_sweep(tmp_path)
+    assert [row.overrides for row in rows] == ["lr=0.000123 lora.rank=16", "lr=1e-4 lora.rank=8"]
+    assert list(curves) == ["lr=0.000123 lora.rank=16 (train)", "lr=1e-4 lora.rank=8 (train)"]
+    assert sweep.rounded("dataset.path=data.v2.jsonl") == "dataset.path=data.v2.jsonl"
+
+
+def sweep_steps(sweep_dir: Path, job: int) -> list[int]:
+    path = sweep_dir / str(job) / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_reports_the_jobs_so_far_and_resumes_the_sweep(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    args = [
+        "-m",
+        "lr=0.0001,0.0002,0.0003",
+        *small_job(small_checkpoint, sweep_dir),
+        "max_steps=30",
+        "log_every_n_steps=1",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("[job 1] step 2/30"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + process.communicate(timeout=300)[0]
+
+    assert process.returncode == 128 + signal.SIGINT, output
+    done, stopped, not_run = read_summary(sweep_dir)
+    assert (done["status"], done["steps"]) == ("completed", "30")
+    checkpoint = sorted((sweep_dir / "1" / "checkpoints").iterdir())[-1]
+    assert stopped["status"] == "interrupted"
+    assert stopped["error"] == f"stopped by SIGINT; training state in {checkpoint}"
+    assert int(stopped["steps"]) == int(checkpoint.name.removeprefix("step_")) < 30
+    assert (not_run["status"], not_run["overrides"].split()[0]) == ("not run", "lr=0.0003")
+    assert not (sweep_dir / "2" / "metrics.jsonl").exists()
+    assert (sweep_dir / "summary.png").stat().st_size > 0
+    assert (
+        f"SIGINT: the sweep stopped at job 1 (stopped by SIGINT; training state in {checkpoint}); "
+        "jobs not run: 2\n"
+    ) in output
+    command = next(
+        line.removeprefix("resume the sweep with: ")
+        for line in output.splitlines()
+        if line.startswith("resume the sweep with: ")
+    )
+    resume_args = shlex.split(command)
+    assert resume_args[:4] == ["python", "-m", "finetune", "-m"]
+    assert resume_args[4:6] == [
+        "lr=0.0001,0.0002,0.0003",
+        *small_job(small_checkpoint, sweep_dir)[:1],
+    ]
+    assert resume_args[-2:] == [f"hydra.sweep.dir={sweep_dir}", "resume=true"]
+    assert "Traceback" not in output
+
+    job_0_metrics = (sweep_dir / "0" / "metrics.jsonl").read_bytes()
+    resumed = run_cli(*resume_args[3:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["status"] for r in read_summary(sweep_dir)] == ["completed"] * 3
+    assert "job 0 completed in an earlier attempt: kept" in resumed.stdout
+    assert (sweep_dir / "0" / "metrics.jsonl").read_bytes() == job_0_metrics
+    assert f"resuming from {checkpoint} at step " in resumed.stdout
+    assert sweep_steps(sweep_dir, 1) == sweep_steps(sweep_dir, 2) == list(range(1, 31))
+
+
+def test_smoothed_is_a_debiased_moving_average_that_skips_nan() -> None:
+    assert metrics.smoothed([1.0, 3.0], weight=0.5) == [1.0, pytest.approx((0.5 * 1 + 3) / 1.5)]
+    assert metrics.smoothed([2.0, math.nan, 2.0]) == [2.0, 2.0, pytest.approx(2.0)]
+
+
+def test_loss_plot_draws_the_smoothed_curve_over_the_raw_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    losses = [5.0, 3.0, 4.0, 2.0]
+    rows = [{**train_row(step, loss), "lr": 1e-3} for step, loss in enumerate(losses, 1)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = {}
+
+    def savefig(figure: Figure, *args: object, **kwargs: object) -> None:
+        for line in figure.axes[0].get_lines():
+            drawn[line.get_label()] = list(line.get_ydata())
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    metrics.plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert drawn == {"training loss": losses, "training loss (EMA 0.9)": metrics.smoothed(losses)}
+
+
+def test_a_run_returns_its_mean_loss_over_the_last_tenth_of_steps(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    params = small_params(small_checkpoint, tmp_path, f"dataset.path={SAMPLE_DATA}", "max_steps=20")
+    returned = full.run(params)
+    rows = metrics.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    # What a sweeper minimises: steps 19 and 20, not step 20 alone.
+    assert returned == (rows[18]["loss"] + rows[19]["loss"]) / 2
+
+
+# Run as `python -c CTRL_C_WHILE_LOADING ARGS...`: a sweep whose second job gets Ctrl-C while its
+# model loads, before training (and its signal handler) starts.
+CTRL_C_WHILE_LOADING = """
+import sys
+from finetune.recipes import full
+real_load, calls = full.load_checkpoint, []
+
+def load(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise KeyboardInterrupt
+    return real_load(*args, **kwargs)
+
+full.load_checkpoint = load
+sys.argv = ["finetune", *sys.argv[1:]]
+from finetune.__main__ import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_job_loads_stops_the_sweep_with_its_report(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "lr=0.0001,0.0002,0.0003", *small_job(small_checkpoint, sweep_dir)]
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_LOADING, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 128 + signal.SIGINT, result.stderr
+    rows = read_summary(sweep_dir)
+    assert [(r["status"], r["error"]) for r in rows] == [
+        ("completed", ""),
+        ("interrupted", "stopped by SIGINT; no checkpoint saved"),
+        ("not run", "the sweep was interrupted before this job"),
+    ]
+    assert "SIGINT: the sweep stopped at job 1 (stopped by SIGINT; no checkpoint saved); " in (
+        result.stdout
+    )
+    assert "Traceback" not in result.stderr

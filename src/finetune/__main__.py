@@ -7,7 +7,9 @@ Only Hydra, OmegaConf and the config dataclasses are imported here, so `--help`,
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -63,17 +65,45 @@ log = logging.getLogger(__name__)
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _task(cfg: DictConfig) -> float:
+    multirun = HydraConfig.get().mode is RunMode.MULTIRUN
+    if multirun and sweep.stop_signal is not None:
+        return not_run_job()
     try:
         params = build_params(cfg)
+        if multirun and is_resuming_sweep(params.resume):
+            earlier = sweep.earlier_outcome(Path(params.output_dir))
+            if earlier is not None and earlier["status"] == "completed":
+                log.info("job %s completed in an earlier attempt: kept", HydraConfig.get().job.num)
+                return earlier["result"] if earlier["result"] is not None else math.nan
+            if not sweep.has_checkpoint(Path(params.output_dir)):
+                params.resume = ""  # never started, or stopped before its first checkpoint
         return RECIPES[type(params)](params)
+    except (KeyboardInterrupt, SystemExit):
+        # A signal during training saved a checkpoint and set sweep.stop_signal; a Ctrl-C
+        # elsewhere (loading the model) saved nothing. Either way the sweep stops with its report.
+        if not multirun:
+            raise
+        sweep.stop_signal = sweep.stop_signal or signal.SIGINT
+        return sweep.interrupted_job(Path(HydraConfig.get().runtime.output_dir))
     except Exception as error:
         # In a sweep the other jobs go on; the report lists this one with its error.
-        if HydraConfig.get().mode is RunMode.MULTIRUN and not _SHOW_TRACEBACK:
+        if multirun and not _SHOW_TRACEBACK:
             return failed_job(error)
         # A single run ends here, before Hydra adds its own lines.
         if isinstance(error, _USER_ERRORS):
             exit_with(error)
         raise
+
+
+def is_resuming_sweep(resume: str) -> bool:
+    """resume=true in a sweep continues each job from its own directory."""
+    return resume.lower() in ("true", "latest")
+
+
+def not_run_job() -> sweep.JobFailure:
+    """A job after the one a signal interrupted: recorded as not run, so the report lists it."""
+    log.info("job %s not run: the sweep was interrupted", HydraConfig.get().job.num)
+    return sweep.JobFailure("the sweep was interrupted before this job", "not run")
 
 
 def failed_job(error: Exception) -> sweep.JobFailure:

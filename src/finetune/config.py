@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import ConfigError
@@ -428,6 +429,18 @@ def register_schemas() -> None:
     if not OmegaConf.has_resolver("asset"):
         # `${asset:NAME}` is a file shipped with the package, e.g. the embedded tiny model.
         OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))
+    if not OmegaConf.has_resolver("run_dir"):
+        OmegaConf.register_new_resolver("run_dir", run_dir)
+
+
+def run_dir() -> str:
+    """`${run_dir:}`: Hydra's directory for this job (a sweep job's own subdirectory).
+
+    Hydra sets it only when a job starts, so `--cfg job --resolve`, which starts none, shows the
+    run directory a run started now would get.
+    """
+    hydra = HydraConfig.get()
+    return OmegaConf.select(hydra, "runtime.output_dir", default=None) or hydra.run.dir
 
 
 def model_preset(name: str) -> ModelConfig:
@@ -439,8 +452,37 @@ def model_preset(name: str) -> ModelConfig:
 
 def build_params(cfg: DictConfig) -> Any:
     """Turn a composed config into its recipe's params dataclass, validating every value."""
+    if not dataclasses.is_dataclass(OmegaConf.get_type(cfg)):
+        cfg = with_schema(cfg)
     reject_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)
+
+
+def with_schema(cfg: DictConfig) -> DictConfig:
+    """A config composed without a schema, typed and checked by its recipe's dataclass.
+
+    That is a past run's `.hydra/config.yaml` (`--config-path <run>/.hydra --config-name config`):
+    Hydra saves the composed values, not the schema they were composed with. The recipe is the one
+    whose dataclass has the most of its keys, then the fewest fields: full fine-tuning unless
+    LoRA's keys are there.
+    """
+    keys = set(cfg)
+    recipe = min(
+        RECIPE_PARAMS.values(), key=lambda params: (len(keys - _names(params)), len(_names(params)))
+    )
+    unknown = sorted(keys - _names(recipe))
+    if unknown:
+        raise unknown_key(unknown[0], recipe)
+    return OmegaConf.merge(OmegaConf.structured(recipe), cfg)
+
+
+def _names(schema: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(schema)}
+
+
+def unknown_key(key: str, schema: type) -> ConfigError:
+    valid = ", ".join(f.name for f in dataclasses.fields(schema))
+    return ConfigError(key, f"unknown key; valid keys: {valid}")
 
 
 def reject_unknown_keys(cfg: DictConfig, prefix: str = "") -> None:
@@ -448,10 +490,9 @@ def reject_unknown_keys(cfg: DictConfig, prefix: str = "") -> None:
     schema = OmegaConf.get_type(cfg)
     if not dataclasses.is_dataclass(schema):
         return
-    names = [f.name for f in dataclasses.fields(schema)]
     for key in cfg:
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}", f"unknown key; valid keys: {', '.join(names)}")
+        if key not in _names(schema):
+            raise unknown_key(f"{prefix}{key}", schema)
         child = cfg._get_node(key)
         if isinstance(child, DictConfig):
             reject_unknown_keys(child, f"{prefix}{key}.")

@@ -12,7 +12,9 @@ from pathlib import Path
 from types import FrameType
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
+from finetune import sweep
 from finetune.state import latest_checkpoint_note
 
 
@@ -54,6 +56,7 @@ class StopRequest:
             )
             raise SystemExit(128 + signum)
         self.signum = signum
+        sweep.stop_signal = sweep.stop_signal or signum  # a sweep runs no further jobs
         again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
         print(
             f"{name}: stopping after this step to save a checkpoint; {again} to stop at once",
@@ -68,8 +71,16 @@ def stopped_by_signal(
     """Say where the run stopped and how to go on; returns the exit status (128 + signal)."""
     name = signal.Signals(signum).name
     print(f"{name} after step {step}/{steps}: training state saved to {saved}", flush=True)
-    print(f"resume with: {resume_command(output_dir)}", flush=True)
+    if not in_sweep():  # a sweep says how to resume all of it when it ends
+        print(f"resume with: {resume_command(output_dir)}", flush=True)
     return 128 + signum
+
+
+def in_sweep() -> bool:
+    try:
+        return HydraConfig.get().mode is RunMode.MULTIRUN
+    except ValueError:  # not started by Hydra (called from Python)
+        return False
 
 
 def resume_command(output_dir: Path) -> str:

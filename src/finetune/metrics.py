@@ -8,8 +8,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 class MetricsLog:
@@ -19,9 +21,10 @@ class MetricsLog:
     step, after a `training started` line, so a harness can time a run from its output.
     """
 
-    def __init__(self, path: Path, total_steps: int) -> None:
+    def __init__(self, path: Path, total_steps: int, prefix: str = "") -> None:
         self.path = path
         self.total_steps = total_steps
+        self.prefix = prefix  # e.g. "[job 2] ": parallel sweep jobs share one console
         self.file = path.open("a", encoding="utf-8")
         self.bar: tqdm | None = None
         self.started = self.last_write = 0.0
@@ -30,6 +33,9 @@ class MetricsLog:
         """Start the clock; a resumed run passes the training time of the run it continues, so
         that `elapsed_s` runs on rather than restarting at 0."""
         if sys.stdout.isatty():
+            # Imported here: the sweep report reads metrics in the CLI process, which stays lean.
+            from tqdm import tqdm
+
             self.bar = tqdm(total=self.total_steps, unit="step", dynamic_ncols=True)
         else:
             print("training started", flush=True)
@@ -62,7 +68,7 @@ class MetricsLog:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
         else:
             print(
-                f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.1e} "
+                f"{self.prefix}step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.1e} "
                 f"grad_norm {grad_norm:.2f} tok/s {tokens_per_s:.0f}",
                 flush=True,
             )
@@ -93,9 +99,9 @@ class MetricsLog:
     def say(self, line: str) -> None:
         """A line of progress that is not a training step's, above the bar on a terminal."""
         if self.bar is not None:
-            self.bar.write(line)
+            self.bar.write(self.prefix + line)
         else:
-            print(line, flush=True)
+            print(self.prefix + line, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -127,6 +133,36 @@ def drop_rows_after(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+# The share of a run's last steps whose mean training loss stands for the run (see late_loss).
+LATE_FRACTION = 0.1
+
+
+def late_loss(rows: list[dict]) -> float:
+    """The mean training loss of the logged steps in the last 10 % of the run (at least the last
+    step): one batch's loss is too noisy to compare runs by."""
+    train = [r for r in rows if "loss" in r]
+    if not train:
+        return math.nan
+    last = train[-1]["step"]
+    window = max(1, round(LATE_FRACTION * last))
+    late = [r["loss"] for r in train if r["step"] > last - window]
+    return sum(late) / len(late)
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average of `values`, debiased so the first points are not pulled
+    towards 0: each point is sum(weight^k * v[i-k]) / sum(weight^k)."""
+    average, norm, out = 0.0, 0.0, []
+    for value in values:
+        if not math.isfinite(value):  # a skipped NaN step would poison every later point
+            out.append(out[-1] if out else math.nan)
+            continue
+        average = weight * average + (1 - weight) * value
+        norm = weight * norm + (1 - weight)
+        out.append(average / norm)
+    return out
+
+
 def read_metrics(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -145,7 +181,10 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     steps = [r["step"] for r in rows]
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     loss_ax = fig.add_subplot()
-    loss_ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="training loss")
+    losses = [r["loss"] for r in rows]
+    # The raw loss jumps from batch to batch; the trend is the smoothed curve drawn over it.
+    loss_ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="training loss")
+    loss_ax.plot(steps, smoothed(losses), color="tab:blue", label="training loss (EMA 0.9)")
     if val_rows:
         loss_ax.plot(
             [r["step"] for r in val_rows],
@@ -163,5 +202,5 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     lr_ax.set_ylabel("learning rate", color="tab:orange")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     # Below the plot: inside it, the legend would hide curves or the lr axis' scale label.
-    fig.legend(loc="outside lower center", ncols=3)
+    fig.legend(loc="outside lower center", ncols=4)
     fig.savefig(png_path, dpi=100)

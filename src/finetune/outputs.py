@@ -117,9 +117,15 @@ def check_no_finished_run(output_dir: Path) -> None:
     for name, option in FINISHED_RUN_DIRS.items():
         found = output_dir / name
         if found.is_dir():
+            # Its step checkpoints (save_every_n_steps) let it go on in place, optimizer and all.
+            go_on = (
+                ", or resume=true with a larger max_steps"
+                if any(output_dir.glob("checkpoints/step_*"))
+                else ""
+            )
             raise UserError(
                 f"{found}: holds the {name} of a finished run; choose another hydra.run.dir "
-                f"(with {option}={found} to train it further)"
+                f"(with {option}={found} to train it further){go_on}"
             )
 
 
@@ -155,7 +161,8 @@ def checkpoints_at_once(params: FullFinetuneParams, steps: int) -> int:
     every = params.save_every_n_steps
     if not every:
         return 0
-    saves = steps // every + params.epochs  # every n steps, and at each epoch's end
+    # Every n steps, at each epoch's end, and at the last step.
+    saves = steps // every + params.epochs + (1 if steps % every else 0)
     # Pruning happens after a save, so keep_last_n + 1 exist for a moment.
     return min(saves, params.keep_last_n + 1) if params.keep_last_n else saves
 

@@ -3,7 +3,8 @@
     <output_dir>/checkpoints/step_000123/state.pt
 
 `state.pt` holds plain tensors and dicts only (loaded with `weights_only=True`): the trainable
-weights, the optimizer and LR-schedule state, and a small `TrainingState`. The data position is
+weights, the optimizer state and a small `TrainingState`. The LR schedule is not saved: it is a
+function of the step, which the resumed run rebuilds over its own length. The data position is
 (epoch, micro-batches consumed); since an epoch's order depends only on (seed, epoch), that is
 enough to replay the same batches.
 """
@@ -89,7 +90,6 @@ def save_checkpoint(
     recipe: str,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainingState,
 ) -> None:
     """Write `directory` atomically (see `atomic_directory`): a kill at any moment leaves either
@@ -99,7 +99,6 @@ def save_checkpoint(
         "recipe": recipe,
         "model": trainable_state(model),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
         "training": asdict(state),
     }
     with atomic_directory(directory) as tmp, (tmp / STATE_FILE).open("wb") as f:
@@ -191,9 +190,8 @@ def load_checkpoint_state(
     recipe: str,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> TrainingState:
-    """Load `directory` into the model, optimizer and scheduler; returns where training stood.
+    """Load `directory` into the model and optimizer; returns where training stood.
 
     RNG states are returned, not restored: the caller restores them last, just before the next
     step, so nothing in between draws from them.
@@ -209,7 +207,6 @@ def load_checkpoint_state(
         raise UserError(f"{path}: a checkpoint of recipe={payload['recipe']}, not recipe={recipe}")
     _load_trainable(path, model, payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
     return TrainingState(**payload["training"])
 
 

@@ -40,7 +40,7 @@ from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.lora import output_weight
 from finetune.loss import chunked_cross_entropy
 from finetune.meta_format import save_meta
-from finetune.metrics import MetricsLog, drop_rows_after
+from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
 from finetune.model import Llama, count_parameters
 from finetune.outputs import (
     atomic_directory,
@@ -63,6 +63,7 @@ from finetune.state import (
     save_checkpoint,
     step_dir,
 )
+from finetune.sweep import job_prefix
 from finetune.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,25 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def steps_per_epoch(n_examples: int, batch_size: int, accumulation_steps: int) -> int:
     return math.ceil(math.ceil(n_examples / batch_size) / accumulation_steps)
+
+
+def warn_if_data_runs_out(params: FullFinetuneParams, n_examples: int) -> None:
+    """Say at the start when `epochs` passes over the data end before `max_steps`."""
+    per_epoch = steps_per_epoch(n_examples, params.batch_size, params.gradient_accumulation_steps)
+    if params.max_steps <= params.epochs * per_epoch:
+        return
+    batches = f"batch_size={params.batch_size}"
+    if params.gradient_accumulation_steps > 1:
+        batches += f", gradient_accumulation_steps={params.gradient_accumulation_steps}"
+    log.warning(
+        f"{n_examples} examples, {batches}: {count(per_epoch, 'step')} per epoch, so "
+        f"epochs={params.epochs} ends after {count(params.epochs * per_epoch, 'step')}; "
+        f"max_steps={params.max_steps} needs epochs={math.ceil(params.max_steps / per_epoch)}"
+    )
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def total_steps(params: FullFinetuneParams, n_examples: int) -> int:
@@ -355,15 +375,14 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     """Run the training loop on `examples`, less any held-out validation part.
 
     Returns the last validation loss when there is validation data (the number worth comparing
-    between runs, e.g. in a sweep), else the loss of the last training step.
+    between runs, e.g. in a sweep), else the mean training loss over the last 10 % of the steps
+    (see `late_loss`): one step's loss is too noisy to compare runs by.
     """
     examples, val_examples = split_validation(examples, params)
     device = next(model.parameters()).device
     steps = total_steps(params, len(examples))
+    warn_if_data_runs_out(params, len(examples))
     optimizer = build_optimizer(model, params.lr, params.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_multiplier, warmup_steps=params.warmup_steps, total_steps=steps)
-    )
     output_dir = Path(params.output_dir)
     recipe = recipe_name(params)
     if params.warmup_steps >= steps:
@@ -376,25 +395,31 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
         )
     state = TrainingState(n_examples=len(examples), settings=resume_settings(params))
     if is_resuming(params.resume):
-        state = resume(params, recipe, model, optimizer, scheduler, len(examples))
+        state = resume(params, recipe, model, optimizer, len(examples), steps)
+    # The schedule is a function of the step, not saved: a resumed run rebuilds it at its step,
+    # over its own length (which may be longer than the checkpoint's run, see `resume`).
+    schedule = partial(lr_multiplier, warmup_steps=params.warmup_steps, total_steps=steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=state.step - 1)
     check_no_later_checkpoints(output_dir, state.step)
     check_free_space(model, params, steps, len(checkpoint_dirs(output_dir)))
     metrics_path = output_dir / "metrics.jsonl"
     # A resumed run continues the rows of the run it resumes, less those of the steps it redoes;
     # a new run in an old run's directory starts the file afresh.
     drop_rows_after(metrics_path, state.step)
-    metrics = MetricsLog(metrics_path, total_steps=steps)
+    metrics = MetricsLog(metrics_path, total_steps=steps, prefix=job_prefix())
     batches_per_epoch = math.ceil(len(examples) / params.batch_size)
 
     def save(epoch_ended: bool, stopping_now: bool) -> Path | None:
         every = params.save_every_n_steps
-        if not (stopping_now or (every and (state.step % every == 0 or epoch_ended))):
+        # The last step is saved too, so that a finished run can be continued for longer.
+        due = state.step % every == 0 or epoch_ended or state.step == steps if every else False
+        if not (stopping_now or due):
             return None
         directory = step_dir(output_dir, state.step)
         state.rng = capture_rng()
         state.elapsed_s = metrics.elapsed()
         try:
-            save_checkpoint(directory, recipe, model, optimizer, scheduler, state)
+            save_checkpoint(directory, recipe, model, optimizer, state)
         except UserError as error:
             raise UserError(f"{error}; {latest_checkpoint_note(output_dir)}") from None
         prune_checkpoints(output_dir, params.keep_last_n)
@@ -455,7 +480,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             if step == steps:
                 break
     metrics.close()
-    return state.val_loss if val_examples else loss
+    return state.val_loss if val_examples else late_loss(read_metrics(metrics_path))
 
 
 def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFinetuneParams) -> str:
@@ -493,7 +518,7 @@ def advance(
 
 
 # What a resumed run cannot change: the data order and batches (batch_size, ..., max_seq_len),
-# and what the restored optimizer and schedule hold (lr, weight_decay, warmup and length).
+# and what the restored optimizer holds (lr, weight_decay) or the schedule's start (warmup).
 RESUME_SETTINGS = (
     "batch_size",
     "gradient_accumulation_steps",
@@ -503,13 +528,14 @@ RESUME_SETTINGS = (
     "lr",
     "weight_decay",
     "warmup_steps",
-    "epochs",
-    "max_steps",
 )
+# What it can: the run's length, to train a finished run for longer (or end an unfinished one
+# sooner). The cosine decay is then recomputed over the new length.
+LENGTH_SETTINGS = ("epochs", "max_steps")
 
 
 def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool]:
-    return {key: getattr(params, key) for key in RESUME_SETTINGS}
+    return {key: getattr(params, key) for key in RESUME_SETTINGS + LENGTH_SETTINGS}
 
 
 def resume(
@@ -517,12 +543,13 @@ def resume(
     recipe: str,
     model: Llama,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     n_examples: int,
+    steps: int,
 ) -> TrainingState:
-    """Load the checkpoint `params.resume` names; the training set must be the one it saw."""
+    """Load the checkpoint `params.resume` names into `model` and `optimizer`; the training set
+    and the settings in RESUME_SETTINGS must be the ones it was saved with."""
     directory = find_checkpoint(params.resume, Path(params.output_dir))
-    state = load_checkpoint_state(directory, recipe, model, optimizer, scheduler)
+    state = load_checkpoint_state(directory, recipe, model, optimizer)
     if state.n_examples != n_examples:
         raise UserError(
             f"{directory}: saved from a run of {state.n_examples} training examples, "
@@ -537,5 +564,30 @@ def resume(
             f"{directory}: saved with {saved}, but this run has {now}; resume with the "
             "settings of the run it continues"
         )
+    lengthened = [key for key in LENGTH_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
+    if lengthened and steps < state.step:
+        now = ", ".join(f"{key}={ours[key]}" for key in lengthened)
+        raise UserError(
+            f"{directory}: saved at step {state.step}, after the {count(steps, 'step')} of this "
+            f"run ({now}); resume with a larger max_steps or epochs"
+        )
     print(f"resuming from {directory} at step {state.step}", flush=True)
+    if lengthened:
+        log.info(length_change(state, params, lengthened, steps))
+    # Later checkpoints record this run's length, so that resuming one changes nothing again.
+    state.settings = ours
     return state
+
+
+def length_change(
+    state: TrainingState, params: FullFinetuneParams, changed: list[str], steps: int
+) -> str:
+    """The log line of a resume that changes the run's length: what changed and the new lr."""
+    was = ", ".join(f"{key}={state.settings[key]}" for key in changed)
+    now = ", ".join(f"{key}={getattr(params, key)}" for key in changed)
+    lr = params.lr * lr_multiplier(state.step, params.warmup_steps, steps)
+    return (
+        f"{now} (the checkpoint's run had {was}): training runs to step {steps}; the learning "
+        f"rate follows the cosine schedule of a {steps}-step run, lr {lr:.3e} at step "
+        f"{state.step + 1}"
+    )

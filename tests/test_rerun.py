@@ -1,0 +1,87 @@
+"""Running a past run again from the config it saved, and showing the resolved config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from finetune.config import FullFinetuneParams, LoraFinetuneParams, build_params
+from tests.conftest import SAMPLE_DATA, SMALL_MODEL, compose_config, model_overrides, run_cli
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def rerun(run_dir: Path, new_dir: Path) -> list[str]:
+    """The arguments that run `run_dir`'s saved config again in `new_dir`."""
+    return [
+        "--config-path",
+        f"{run_dir}/.hydra",
+        "--config-name",
+        "config",
+        f"hydra.run.dir={new_dir}",
+    ]
+
+
+@pytest.mark.parametrize("recipe", ["full", "lora"])
+def test_a_rerun_from_the_saved_config_repeats_the_losses_bit_for_bit(
+    recipe: str, small_checkpoint: Path, tmp_path: Path
+) -> None:
+    first, again = tmp_path / "first", tmp_path / "again"
+    args = [
+        f"recipe={recipe}",
+        *model_overrides(SMALL_MODEL),
+        f"checkpoint={small_checkpoint}",
+        f"dataset.path={SAMPLE_DATA}",
+        "max_seq_len=128",
+        "batch_size=2",
+        "max_steps=3",
+        "lora.dropout=0.2" if recipe == "lora" else "lr=1e-3",
+        f"hydra.run.dir={first}",
+    ]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+
+    result = run_cli(*rerun(first, again), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert losses(again) == losses(first)
+    assert [step for step, _ in losses(again)] == [1, 2, 3]
+    # The same recipe and values; only the run directory differs.
+    saved, rerun_params = (OmegaConf.load(d / "params.yaml") for d in (first, again))
+    assert saved.pop("output_dir") == str(first) and rerun_params.pop("output_dir") == str(again)
+    assert saved == rerun_params
+    assert ("lora" in rerun_params) == (recipe == "lora")
+
+
+def test_a_rerun_takes_overrides(small_checkpoint: Path, tmp_path: Path) -> None:
+    first, longer = tmp_path / "first", tmp_path / "longer"
+    args = [*model_overrides(SMALL_MODEL), f"checkpoint={small_checkpoint}", "max_seq_len=128"]
+    assert run_cli(*args, "max_steps=1", f"hydra.run.dir={first}", cwd=tmp_path).returncode == 0
+    result = run_cli(*rerun(first, longer), "max_steps=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [step for step, _ in losses(longer)] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "params"), [("full", FullFinetuneParams), ("lora", LoraFinetuneParams)]
+)
+def test_a_saved_config_builds_its_recipes_dataclass(
+    recipe: str, params: type, small_checkpoint: Path, tmp_path: Path
+) -> None:
+    # What Hydra writes to .hydra/config.yaml: the composed values, without their schema.
+    composed = compose_config([f"recipe={recipe}", f"output_dir={tmp_path}"])
+    saved = OmegaConf.create(OmegaConf.to_yaml(composed))
+    assert OmegaConf.get_type(saved) is dict
+    built = build_params(saved)
+    assert type(built) is params
+    assert built == build_params(composed)
+
+
+def test_cfg_job_resolve_shows_the_run_directory(tmp_path: Path) -> None:
+    result = run_cli("--cfg", "job", "--resolve", "hydra.run.dir=runs/here", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert OmegaConf.create(result.stdout).output_dir == "runs/here"
