@@ -85,3 +85,25 @@ def test_cfg_job_resolve_shows_the_run_directory(tmp_path: Path) -> None:
     result = run_cli("--cfg", "job", "--resolve", "hydra.run.dir=runs/here", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert OmegaConf.create(result.stdout).output_dir == "runs/here"
+
+
+def test_rerun_option_repeats_a_run_given_by_a_relative_directory(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    args = [*model_overrides(SMALL_MODEL), f"checkpoint={small_checkpoint}", "max_seq_len=128"]
+    first = run_cli(*args, "max_steps=2", "hydra.run.dir=runs/first", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    result = run_cli("rerun=runs/first", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # finetune's own Hydra settings apply: a new timestamped directory with finetune.log.
+    (again,) = (tmp_path / "outputs").glob("*/*")
+    assert (again / "finetune.log").is_file()
+    assert losses(again) == losses(tmp_path / "runs" / "first")
+
+
+def test_rerun_of_a_directory_without_a_saved_config_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("rerun=nowhere", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: rerun: nowhere holds no .hydra/config.yaml; expected the directory of a run\n"
+    )

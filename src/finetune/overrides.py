@@ -15,7 +15,9 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import OverrideParseException
+from omegaconf import OmegaConf
 
+from finetune.config import config_dir
 from finetune.errors import UserError
 
 # Hydra's flags that take a value as the next argument (`--info` only sometimes).
@@ -36,7 +38,37 @@ def command_line(argv: list[str], group_options: dict[str, list[str]]) -> list[s
     flags, overrides = split_flags(argv)
     parsed = parse_each(overrides)
     check_group_choices(parsed, group_options)
+    rerun = [o for o in parsed if o.key_or_group == "rerun"]
+    if rerun:
+        overrides = [o for o in overrides if not o.startswith("rerun=")]
+        flags += saved_config_flags(str(rerun[-1].value()))
+        overrides = [*finetune_hydra_settings(), *overrides]
     return [*flags, *overrides]
+
+
+def saved_config_flags(run_dir: str) -> list[str]:
+    """`rerun=DIR`: compose DIR's saved config (`.hydra/config.yaml`, every value the run had)
+    instead of conf/'s, so later changes to the YAML files do not change the rerun."""
+    saved = Path(run_dir).expanduser().absolute() / ".hydra"
+    if not (saved / "config.yaml").is_file():
+        raise UserError(
+            f"rerun: {run_dir} holds no .hydra/config.yaml; expected the directory of a run"
+        )
+    # An absolute path: Hydra reads a relative --config-path from the package's directory.
+    return ["--config-path", str(saved), "--config-name", "config"]
+
+
+def finetune_hydra_settings() -> list[str]:
+    """conf/config.yaml's `hydra:` settings as overrides, which a saved config does not carry
+    (run directories, the job name that names finetune.log, the sweep report)."""
+    settings = OmegaConf.to_container(OmegaConf.load(config_dir() / "config.yaml").hydra)
+
+    def leaves(node: object, key: str) -> list[str]:
+        if isinstance(node, dict):
+            return [leaf for k, child in node.items() for leaf in leaves(child, f"{key}.{k}")]
+        return [f"++{key}={node}"]
+
+    return leaves(settings, "hydra")
 
 
 def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
