@@ -26,7 +26,7 @@ def bad_input_cases(small_checkpoint: Path, tmp: Path) -> list[tuple[list[str], 
         (["lr=abc"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
         (["lr=-1"], "lr: must be > 0, got -1.0"),
         (["batch_size=0"], "batch_size: must be >= 1, got 0"),
-        (["model=nosuch"], "model=nosuch: no such option; available: llama2, llama2_13b"),
+        (["model=nosuch"], "model=nosuch: no such option; available: auto, llama2, llama2_13b"),
         (["+model.typo=1"], "model.typo: unknown key; valid keys: vocab_size, dim"),
         (["+nosuchkey=1"], "nosuchkey: unknown key; valid keys: model, dataset"),
         (["dtype=fp64"], "dtype: Invalid value 'fp64', expected one of [fp32, bf16]"),
@@ -90,7 +90,7 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0
     out = result.stdout
-    assert re.search(r"\n  model +llama2, llama2_13b, llama2_70b, tiny\*\n", out)
+    assert re.search(r"\n  model +auto, llama2, llama2_13b, llama2_70b, tiny\*\n", out)
     assert re.search(r"\n  recipe +full\*, lora\n", out)
     for field in ["lr ", "batch_size", "model.n_kv_heads", "dataset.column_map", "dtype"]:
         assert f"  {field}" in out
