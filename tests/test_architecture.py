@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from tests.conftest import (
     write_jsonl,
 )
 from tests.test_checkpoint_formats import META_MODEL, random_meta_weights, write_meta
+from tests.test_model import hf_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -355,19 +357,7 @@ def test_the_shipped_tiny_model_is_stored_in_bf16() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def tied_config() -> object:
-    return transformers.LlamaConfig(
-        vocab_size=SMALL_MODEL.vocab_size,
-        hidden_size=SMALL_MODEL.dim,
-        intermediate_size=SMALL_MODEL.ffn_dim,
-        num_hidden_layers=SMALL_MODEL.n_layers,
-        num_attention_heads=SMALL_MODEL.n_heads,
-        num_key_value_heads=SMALL_MODEL.n_kv_heads,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=SMALL_MODEL.context_length,
-        tie_word_embeddings=True,
-        attn_implementation="eager",
-    )
+TIED_MODEL = dataclasses.replace(SMALL_MODEL, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -375,12 +365,9 @@ def tied_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tied Llama as transformers writes it: no lm_head.weight in the file."""
     directory = tmp_path_factory.mktemp("tied")
     torch.manual_seed(3)
-    transformers.LlamaForCausalLM(tied_config()).save_pretrained(directory)
+    hf_llama(TIED_MODEL).save_pretrained(directory)
     shutil.copyfile(TINY_TOKENIZER, directory / "tokenizer.model")
     return directory
-
-
-TIED_MODEL = dataclasses.replace(SMALL_MODEL, norm_eps=1e-5, tie_word_embeddings=True)
 
 
 def test_a_tied_transformers_checkpoint_loads_as_one_weight_with_equal_logits(
@@ -395,13 +382,21 @@ def test_a_tied_transformers_checkpoint_loads_as_one_weight_with_equal_logits(
     assert logits_diff(model, theirs) <= 1e-5
 
 
+def with_lm_head(
+    tied_checkpoint: Path, directory: Path, lm_head: Callable[[torch.Tensor], torch.Tensor]
+) -> Path:
+    """A copy of the tied checkpoint whose file holds lm_head.weight = lm_head(the embedding)."""
+    shutil.copytree(tied_checkpoint, directory)
+    weights = tensors(directory / "model.safetensors")
+    weights["lm_head.weight"] = lm_head(weights["model.embed_tokens.weight"])
+    save_file(weights, directory / "model.safetensors")
+    return directory
+
+
 def test_a_tied_checkpoint_holding_a_copy_of_the_embedding_as_lm_head_loads_tied(
     tied_checkpoint: Path, tmp_path: Path
 ) -> None:
-    directory = shutil.copytree(tied_checkpoint, tmp_path / "ckpt")
-    weights = tensors(directory / "model.safetensors")
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
-    save_file(weights, directory / "model.safetensors")
+    directory = with_lm_head(tied_checkpoint, tmp_path / "ckpt", torch.clone)
     model = load_checkpoint(TIED_MODEL, directory, CPU, torch.float32)
     assert model.lm_head.weight is model.embed_tokens.weight
     theirs = transformers_model(directory, dtype=torch.float32)
@@ -411,10 +406,7 @@ def test_a_tied_checkpoint_holding_a_copy_of_the_embedding_as_lm_head_loads_tied
 def test_a_tied_checkpoint_with_a_different_lm_head_is_refused(
     tied_checkpoint: Path, tmp_path: Path
 ) -> None:
-    directory = shutil.copytree(tied_checkpoint, tmp_path / "ckpt")
-    weights = tensors(directory / "model.safetensors")
-    weights["lm_head.weight"] = torch.randn_like(weights["model.embed_tokens.weight"])
-    save_file(weights, directory / "model.safetensors")
+    directory = with_lm_head(tied_checkpoint, tmp_path / "ckpt", torch.randn_like)
     with pytest.raises(UserError) as error:
         load_checkpoint(TIED_MODEL, directory, CPU, torch.float32)
     assert str(error.value) == (

@@ -35,7 +35,7 @@ from finetune.architecture import (
     find_checkpoint,
     read_json_object,
 )
-from finetune.config import ModelConfig
+from finetune.config import ModelConfig, OutputDType
 from finetune.errors import UserError
 from finetune.meta_format import (
     NOT_PARAMETERS,
@@ -411,6 +411,18 @@ def _madvise() -> Callable[[int, int, int], int]:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
     return madvise
+
+
+# output_dtype -> the dtype the model is saved in; `auto` is the checkpoint's (`stored_dtype`).
+OUTPUT_DTYPES = {
+    OutputDType.fp32: torch.float32,
+    OutputDType.bf16: torch.bfloat16,
+    OutputDType.fp16: torch.float16,
+}
+
+
+def output_dtype(choice: OutputDType, ckpt_dir: Path) -> torch.dtype:
+    return OUTPUT_DTYPES.get(choice) or stored_dtype(ckpt_dir)
 
 
 def stored_dtype(ckpt_dir: Path) -> torch.dtype:

@@ -18,14 +18,13 @@ from typing import TypeVar
 import torch
 from omegaconf import OmegaConf
 
-from finetune.checkpoint import save_hf, stored_dtype
+from finetune.checkpoint import output_dtype, save_hf
 from finetune.config import (
     RECIPE_PARAMS,
     Device,
     DType,
     FullFinetuneParams,
     LoraFinetuneParams,
-    OutputDType,
     OutputFormat,
 )
 from finetune.data import (
@@ -94,19 +93,11 @@ def log_model(model: Llama, params: FullFinetuneParams, n_examples: int) -> None
     )
 
 
-# output_dtype -> the dtype saved; `auto` is the checkpoint's (`stored_dtype`).
-OUTPUT_DTYPES = {
-    OutputDType.fp32: torch.float32,
-    OutputDType.bf16: torch.bfloat16,
-    OutputDType.fp16: torch.float16,
-}
-
-
 def save_model(
     model: Llama, params: FullFinetuneParams, tokenizer: Tokenizer, out_dir: Path
 ) -> None:
     """The model in Hugging Face format (and Meta's with output_format=meta), in output_dtype."""
-    dtype = OUTPUT_DTYPES.get(params.output_dtype) or stored_dtype(Path(params.checkpoint))
+    dtype = output_dtype(params.output_dtype, Path(params.checkpoint))
     # Atomic, so a rerun in the same directory that fails (disk full) keeps the earlier model.
     with atomic_directory(out_dir) as tmp:
         save_hf(
