@@ -251,10 +251,12 @@ def hf_architecture(path: Path) -> CheckpointArchitecture:
             f"{path}: head_dim={head_dim} is not supported: finetune's heads are "
             f"hidden_size / num_attention_heads = {values['dim'] / values['n_heads']:g} wide"
         )
-    stored_dtype = config.get("torch_dtype") or config.get("dtype") or ""
+    # transformers 5 writes `dtype`; earlier versions (and finetune) `torch_dtype`.
+    dtype_key = "torch_dtype" if config.get("torch_dtype") else "dtype"
+    stored_dtype = config.get(dtype_key) or ""
     if stored_dtype and stored_dtype not in STORED_DTYPES:
         raise UserError(
-            f"{path}: torch_dtype={stored_dtype!r}, expected one of {', '.join(STORED_DTYPES)}"
+            f"{path}: {dtype_key}={stored_dtype!r}, expected one of {', '.join(STORED_DTYPES)}"
         )
     return CheckpointArchitecture(
         path, values, described, stored_dtype, config.get("sliding_window")
@@ -310,10 +312,10 @@ def meta_architecture(path: Path) -> CheckpointArchitecture:
     for key in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps"):
         if not isinstance(params.get(key), (int, float)):
             raise UserError(f"{path}: {key} is {params.get(key)!r}, expected a number")
-    for key in sorted(params.keys() - META_KEYS):
+    if unknown := sorted(params.keys() - META_KEYS):
         raise UserError(
-            f"{path}: {key}={json.dumps(params[key])} is not supported: finetune reads only "
-            f"{', '.join(sorted(META_KEYS))}"
+            f"{path}: {unknown[0]}={json.dumps(params[unknown[0]])} is not supported: finetune "
+            f"reads only {', '.join(sorted(META_KEYS))}"
         )
     if params.get("use_scaled_rope"):
         raise UserError(

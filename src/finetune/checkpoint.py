@@ -33,7 +33,7 @@ from finetune.architecture import (
     CheckpointFormat,
     check_architecture,
     find_checkpoint,
-    read_json_object,
+    hf_architecture,
 )
 from finetune.config import ModelConfig, OutputDType
 from finetune.errors import UserError
@@ -430,8 +430,7 @@ def stored_dtype(ckpt_dir: Path) -> torch.dtype:
     (or dtype), else that of the first tensor of its first weight file."""
     found = find_checkpoint(ckpt_dir)
     if found.format is not CheckpointFormat.meta:
-        config = read_json_object(found.config)
-        named = config.get("torch_dtype") or config.get("dtype")
+        named = hf_architecture(found.config).stored_dtype
         if named:
             return getattr(torch, named)
     first = found.weights[0]
