@@ -159,6 +159,12 @@ def test_an_override_that_differs_names_the_override(
     )
 
 
+def test_a_negative_architecture_field_is_refused(small_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError) as error:
+        auto_params(small_checkpoint, tmp_path / "out", "model.dim=-64")
+    assert str(error.value) == "model.dim: must be >= 0 (0 takes the checkpoint's), got -64"
+
+
 def test_a_folder_of_checkpoints_lists_them(small_checkpoint: Path, tmp_path: Path) -> None:
     for run in ("b", "a"):
         shutil.copytree(small_checkpoint, tmp_path / "runs" / run)

@@ -120,7 +120,7 @@ ARCHITECTURE_NUMBERS = (
     "rope_theta",
     "context_length",
 )
-UNSET_OR_POSITIVE = "must be > 0, or 0 for the checkpoint's"
+UNSET_OR_POSITIVE = "must be >= 0 (0 takes the checkpoint's)"
 
 
 DATASET_FORMATS = ("alpaca", "chat")
