@@ -46,6 +46,8 @@ MEDIUM = ModelConfig(
     n_heads=8,
     n_kv_heads=8,
     ffn_dim=1408,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
     context_length=1024,
 )
 BATCH_SIZE = 4

@@ -28,7 +28,7 @@ FORMATS = ("safetensors", "bin", "meta-1-shard", "meta-2-shards")
 DTYPES = ("fp32", "bf16")
 
 
-def model_config(n_layers: int) -> dict[str, int]:
+def model_config(n_layers: int) -> dict[str, int | float]:
     """ModelConfig fields; ffn_dim 5632 is Meta's formula for dim 2048 with multiple_of 256."""
     return {
         "vocab_size": 32000,
@@ -37,6 +37,9 @@ def model_config(n_layers: int) -> dict[str, int]:
         "n_heads": 16,
         "n_kv_heads": 8,
         "ffn_dim": 5632,
+        "norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "context_length": 4096,
     }
 
 

@@ -37,7 +37,15 @@ SAMPLE_DATA = ASSETS_DIR / "sample.jsonl"
 
 # A model small enough to train in well under a second a step, with grouped-query attention.
 SMALL_MODEL = ModelConfig(
-    vocab_size=4096, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, context_length=256
+    vocab_size=4096,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_dim=160,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    context_length=256,
 )
 
 

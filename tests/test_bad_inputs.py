@@ -5,11 +5,13 @@ earlier run's outputs in the run directory exactly as they were."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import pytest
+import tokenizers
 from omegaconf import OmegaConf
 
 from finetune.errors import UserError
@@ -95,6 +97,24 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     config = json.loads((small_checkpoint / "config.json").read_text())
     config["rope_scaling"] = {"type": "linear", "factor": 2.0}
     (scaled / "config.json").write_text(json.dumps(config))
+    # Checkpoints whose config.json describes what finetune cannot compute, or ties lm_head.
+    for name, change in [
+        ("gelu", {"hidden_act": "gelu"}),
+        ("mistral", {"model_type": "mistral", "sliding_window": 4096}),
+        ("tied", {"tie_word_embeddings": True}),
+    ]:
+        shutil.copytree(small_checkpoint, tmp / f"{name}_checkpoint")
+        config = json.loads((small_checkpoint / "config.json").read_text())
+        (tmp / f"{name}_checkpoint" / "config.json").write_text(json.dumps({**config, **change}))
+    # A directory of runs, each with its checkpoint.
+    for run in ("a", "b"):
+        shutil.copytree(small_checkpoint, tmp / "runs" / run)
+    # A tokenizer of four tokens.
+    (tmp / "small_vocab").mkdir()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3}
+    tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>")).save(
+        str(tmp / "small_vocab" / "tokenizer.json")
+    )
     rank4 = tmp / "rank4_adapter"
     rank4.mkdir()
     (rank4 / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
@@ -196,7 +216,44 @@ def cases(ckpt: Path) -> list[Case]:
         Case(
             "ckpt_empty_dir", ("checkpoint={tmp}/empty_dir",), "checkpoint: {tmp}/empty_dir is an"
         ),
-        reads("ckpt_arch", (f"checkpoint={ckpt}", *good), "hidden_size=64 but model.dim=256"),
+        Case(
+            "ckpt_arch",
+            ("model=tiny", f"checkpoint={ckpt}", *good),
+            "config.json: hidden_size=64 but model=tiny has model.dim=256; leave out model= "
+            "(or model=auto) to take the checkpoint's architecture",
+        ),
+        Case(
+            "ckpt_arch_llama2",
+            ("model=llama2", f"checkpoint={ckpt}", *good),
+            "config.json: vocab_size=4096 but model=llama2 has model.vocab_size=32000",
+        ),
+        Case(
+            "ckpt_hidden_act",
+            ("model=auto", "checkpoint={tmp}/gelu_checkpoint", *good),
+            'gelu_checkpoint/config.json: hidden_act="gelu" is not supported',
+        ),
+        Case(
+            "ckpt_model_type",
+            ("model=auto", "checkpoint={tmp}/mistral_checkpoint", *good),
+            'mistral_checkpoint/config.json: model_type="mistral" is not supported',
+        ),
+        Case(
+            "ckpt_context",
+            ("model=auto", f"checkpoint={ckpt}", "model.context_length=8192", *good),
+            "model.context_length: 8192 is longer than the checkpoint's "
+            "max_position_embeddings=256",
+        ),
+        Case(
+            "ckpt_folder",
+            ("model=auto", "checkpoint={tmp}/runs", *good),
+            "checkpoint: {tmp}/runs holds no checkpoint, but its subfolders do: {tmp}/runs/a, "
+            "{tmp}/runs/b; point checkpoint= at one",
+        ),
+        Case(
+            "lora_lm_head_tied",
+            (*lora, "checkpoint={tmp}/tied_checkpoint", "lora.targets=[lm_head]"),
+            "lora.targets: lm_head is tied to the embedding",
+        ),
         reads(
             "ckpt_corrupt",
             ("checkpoint={tmp}/corrupt_checkpoint", *SMALL, *good),
@@ -230,7 +287,7 @@ def cases(ckpt: Path) -> list[Case]:
         Case("tok_suffix", ("tokenizer={tmp}/notes.txt",), "tokenizer: expected a .model or .json"),
         Case(
             "tok_absent",
-            ("checkpoint={tmp}/parent/no_tokenizer_checkpoint",),
+            ("checkpoint={tmp}/parent/no_tokenizer_checkpoint", *SMALL),
             "tokenizer: no tokenizer.model or tokenizer.json",
         ),
         reads(
@@ -239,7 +296,11 @@ def cases(ckpt: Path) -> list[Case]:
             "garbage.model: not a SentencePiece model",
         ),
         reads("tok_json_garbage", (*run, *good, "tokenizer={tmp}/garbage.json"), "garbage.json"),
-        reads("tok_vocab", (*run, *good, "model.vocab_size=1000"), "tokenizer has 4096 tokens but"),
+        reads(
+            "tok_vocab",
+            (*run, *good, "tokenizer={tmp}/small_vocab/tokenizer.json"),
+            "tokenizer.json: tokenizer has 4 tokens but the model's embedding has 4096",
+        ),
         # The output directory, checked before anything is read.
         Case(
             "finished_run",

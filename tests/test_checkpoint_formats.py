@@ -58,7 +58,15 @@ META_PARAMS = {
     "vocab_size": -1,
 }
 META_MODEL = ModelConfig(
-    vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, context_length=128
+    vocab_size=1024,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_dim=192,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    context_length=4096,  # Llama-2's, which a params.json without max_seq_len means
 )
 # Meta's model-parallel slicing, by module (see REFERENCE.md), written out again for the tests.
 SPLIT_ALONG_ROWS = {"wq", "wk", "wv", "w1", "w3", "output"}
@@ -438,7 +446,9 @@ def test_written_params_json_describes_each_configured_model(option: str) -> Non
 def test_written_params_json_reproduces_any_feed_forward_width() -> None:
     for dim in (8, 64, 96, 256, 4096):
         for ffn_dim in range(dim, 4 * dim, max(1, dim // 7)):
-            cfg = ModelConfig(dim=dim, n_heads=dim // 8, n_kv_heads=dim // 8, ffn_dim=ffn_dim)
+            cfg = dataclasses.replace(
+                META_MODEL, dim=dim, n_heads=dim // 8, n_kv_heads=dim // 8, ffn_dim=ffn_dim
+            )
             params = params_json(cfg)
             multiplier = params.get("ffn_dim_multiplier")
             assert meta_ffn_dim(dim, params["multiple_of"], multiplier) == ffn_dim, (dim, ffn_dim)
@@ -575,6 +585,7 @@ def test_meta_shards_without_params_json_are_a_user_error(tmp_path: Path) -> Non
 
 
 def test_a_directory_without_a_checkpoint_names_both_formats(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     with pytest.raises(UserError) as error:
         load_checkpoint(META_MODEL, tmp_path, CPU, torch.float32)
     message = str(error.value)

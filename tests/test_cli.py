@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from finetune.overrides import split_flags
+from finetune.overrides import command_line, split_flags
 from tests.conftest import SMALL_MODEL, model_overrides, run_cli, write_jsonl
 
 SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
@@ -27,8 +28,8 @@ def bad_input_cases(small_checkpoint: Path, tmp: Path) -> list[tuple[list[str], 
         (["lr=abc"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
         (["lr=-1"], "lr: must be > 0, got -1.0"),
         (["batch_size=0"], "batch_size: must be >= 1, got 0"),
-        (["model=nosuch"], "model=nosuch: no such option; available: llama2, llama2_13b"),
-        (["+model.typo=1"], "model.typo: unknown key; valid keys: vocab_size, dim"),
+        (["model=nosuch"], "model=nosuch: no such option; available: auto, llama2, llama2_13b"),
+        (["+model.typo=1"], "model.typo: unknown key; valid keys: name, vocab_size, dim"),
         (["+nosuchkey=1"], "nosuchkey: unknown key; valid keys: model, dataset"),
         (["dtype=fp64"], "dtype: Invalid value 'fp64', expected one of [fp32, bf16]"),
         (["device=tpu"], "device: Invalid value 'tpu', expected one of [auto, cpu, cuda]"),
@@ -44,9 +45,9 @@ def bad_input_cases(small_checkpoint: Path, tmp: Path) -> list[tuple[list[str], 
         ),
         (
             [ckpt, *SMALL, "model.vocab_size=1000"],
-            "tokenizer has 4096 tokens but the model's embedding has 1000",
+            "config.json: vocab_size=4096 but model.vocab_size=1000; leave model.vocab_size out",
         ),
-        ([ckpt], "hidden_size=64 but model.dim=256"),
+        (["model=tiny", ckpt], "hidden_size=64 but model=tiny has model.dim=256"),
         (["recipe=lora", "lora.rank=0"], "lora.rank: must be >= 1, got 0"),
         (
             ["recipe=lora", "lora.targets=[q_proj,nope]"],
@@ -102,7 +103,7 @@ TYPING_MISTAKES = [
     ),
     (
         ["model=/ckpt/llama"],
-        "model=/ckpt/llama: model= picks an option (llama2, llama2_13b, llama2_70b, tiny); "
+        "model=/ckpt/llama: model= picks an option (auto, llama2, llama2_13b, llama2_70b, tiny); "
         "a checkpoint goes in checkpoint=/ckpt/llama",
     ),
     (["lr=abc", "--help"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
@@ -150,7 +151,7 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0
     out = result.stdout
-    assert re.search(r"\n  model +llama2, llama2_13b, llama2_70b, tiny\*\n", out)
+    assert re.search(r"\n  model +auto, llama2, llama2_13b, llama2_70b, tiny\*\n", out)
     assert re.search(r"\n  recipe +full\*, lora\n", out)
     for field in ["lr ", "batch_size", "model.n_kv_heads", "dataset.column_map", "dtype"]:
         assert f"  {field}" in out
@@ -227,3 +228,40 @@ def test_multirun_sweep_gives_each_job_its_own_directory(tmp_path: Path) -> None
         assert (sweep_dir / job / "model" / "model.safetensors").is_file()
         lrs.append(json.loads((sweep_dir / job / "metrics.jsonl").read_text())["lr"])
     assert lrs == [1e-4, 3e-4]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "added"),
+    [
+        (["checkpoint=/ckpt/llama"], ["model=auto"]),
+        (["checkpoint=/ckpt/llama", "model=llama2"], []),
+        (["checkpoint=/ckpt/llama", "experiment=alpaca_lora_7b"], []),
+        (["lr=1e-3"], []),
+    ],
+)
+def test_a_checkpoint_without_a_model_option_takes_its_own_architecture(
+    overrides: list[str], added: list[str]
+) -> None:
+    groups = {"model": ["auto", "llama2", "tiny"], "experiment": ["alpaca_lora_7b"]}
+    assert command_line(overrides, groups) == [*overrides, *added]
+
+
+def test_a_run_on_another_checkpoint_needs_no_model_option(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        f"checkpoint={small_checkpoint}",
+        "max_steps=1",
+        "max_seq_len=128",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    saved = yaml.safe_load((run_dir / "params.yaml").read_text())["model"]
+    assert saved["name"] == ""  # model=auto: no option set these fields
+    assert (saved["dim"], saved["n_layers"], saved["n_kv_heads"]) == (
+        SMALL_MODEL.dim,
+        SMALL_MODEL.n_layers,
+        SMALL_MODEL.n_kv_heads,
+    )

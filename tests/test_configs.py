@@ -110,12 +110,19 @@ def test_llama2_70b_uses_grouped_query_attention() -> None:
 def test_cli_overrides_reach_the_params(tmp_path: Path) -> None:
     params = build_params(
         compose_config(
-            [f"output_dir={tmp_path}", "lr=3e-4", "batch_size=3", "dtype=bf16", "model.n_layers=2"]
+            [
+                f"output_dir={tmp_path}",
+                "lr=3e-4",
+                "batch_size=3",
+                "dtype=bf16",
+                "model.context_length=2048",
+                "extend_context=true",
+            ]
         )
     )
     assert isinstance(params, FullFinetuneParams)
     assert (params.lr, params.batch_size, params.dtype.value) == (3e-4, 3, "bf16")
-    assert params.model.n_layers == 2
+    assert params.model.context_length == 2048
     assert params.tokenizer == str(Path(params.checkpoint) / "tokenizer.model")
 
 

@@ -128,11 +128,12 @@ def test_checkpoints_at_once(
 @pytest.mark.parametrize(
     ("overrides", "bytes_per_weight"),
     [
-        ([], 4),
-        (["dtype=bf16"], 2),
-        (["dtype=bf16", "output_format=meta"], 4),  # Hugging Face and Meta copies
+        ([], 4),  # output_dtype=auto: the checkpoint's fp32
+        (["dtype=bf16"], 4),  # bf16 compute saves the checkpoint's dtype still
+        (["output_dtype=bf16"], 2),
+        (["output_dtype=bf16", "output_format=meta"], 4),  # Hugging Face and Meta copies
         (["recipe=lora", "save_merged=false"], 0),  # the adapter only
-        (["recipe=lora", "dtype=bf16"], 2),  # the adapter and the merged model
+        (["recipe=lora", "output_dtype=fp16"], 2),  # the adapter and the merged model
     ],
 )
 def test_final_model_bytes(

@@ -111,7 +111,10 @@ def test_large_models_are_saved_in_shards_that_transformers_loads(
 def test_bf16_run_trains_fp32_master_weights_and_saves_bf16(
     small_checkpoint: Path, tmp_path: Path
 ) -> None:
-    loss = full.run(small_params(small_checkpoint, tmp_path, "max_steps=2", "dtype=bf16"))
+    # The checkpoint is fp32, so output_dtype=auto would save fp32.
+    loss = full.run(
+        small_params(small_checkpoint, tmp_path, "max_steps=2", "dtype=bf16", "output_dtype=bf16")
+    )
     assert 0 < loss < 20
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"

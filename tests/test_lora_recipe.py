@@ -226,7 +226,9 @@ def test_bf16_run_keeps_the_base_in_bf16_and_optimizes_only_fp32_adapters(
         training, "build_optimizer", watch_build_optimizer(training.build_optimizer)
     )
     monkeypatch.setattr(lora_recipe, "train", watch_train(lora_recipe.train))
-    params = small_lora_params(small_checkpoint, tmp_path, "max_steps=2", "dtype=bf16", *FAST)
+    params = small_lora_params(
+        small_checkpoint, tmp_path, "max_steps=2", "dtype=bf16", "output_dtype=bf16", *FAST
+    )
     loss = lora_recipe.run(params)
     assert 0 < loss < 20
 

@@ -70,7 +70,7 @@ def hf_llama(cfg: ModelConfig) -> LlamaForCausalLM:
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,
         max_position_embeddings=cfg.context_length,
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie_word_embeddings,
         attn_implementation="eager",
     )
     return LlamaForCausalLM(config).eval()

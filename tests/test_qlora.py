@@ -54,7 +54,15 @@ from tests.test_lora import (
 # torchao's NF4 takes whole groups of 64 x 256 weights, so every linear here is a multiple of 16384
 # weights (SMALL_MODEL's 64-wide ones are not).
 QLORA_MODEL = ModelConfig(
-    vocab_size=4096, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256, context_length=256
+    vocab_size=4096,
+    dim=128,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=4,
+    ffn_dim=256,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    context_length=256,
 )
 needs_torchao = pytest.mark.skipif(
     find_spec("torchao") is None, reason="needs torchao: pip install 'finetune[qlora]'"

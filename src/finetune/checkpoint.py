@@ -20,52 +20,39 @@ import pickle
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from finetune.config import ModelConfig
+from finetune.architecture import (
+    HF_CONFIG_KEYS,
+    SAFETENSORS_INDEX,
+    CheckpointFiles,
+    CheckpointFormat,
+    check_architecture,
+    find_checkpoint,
+    hf_architecture,
+)
+from finetune.config import ModelConfig, OutputDType
 from finetune.errors import UserError
 from finetune.meta_format import (
     NOT_PARAMETERS,
-    PARAMS_FILE,
-    SHARD_GLOB,
-    check_meta_architecture,
     check_same_keys,
     halves_from_pairs,
     is_rotary,
-    meta_files,
     meta_key,
     meta_slice_shape,
-    shard_name,
     split_dim,
 )
 from finetune.model import Llama
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PYTORCH_BIN = "pytorch_model.bin"
-PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 # The most of a file that loading reads before copying it and handing its pages back.
 COPY_BLOCK_BYTES = 16 * 2**20
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-# ModelConfig field -> Hugging Face LlamaConfig key.
-HF_CONFIG_KEYS = {
-    "vocab_size": "vocab_size",
-    "dim": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "n_kv_heads": "num_key_value_heads",
-    "ffn_dim": "intermediate_size",
-    "norm_eps": "rms_norm_eps",
-    "rope_theta": "rope_theta",
-    "context_length": "max_position_embeddings",
-}
+# A tied model's output layer is its embedding: one weight, stored under the embedding's name.
+TIED_OUTPUT = "lm_head.weight"
 
 
 def hf_key(name: str) -> str:
@@ -81,7 +68,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos_id: int, eos_id: int) ->
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
         "initializer_range": 0.02,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -109,6 +96,8 @@ def save_hf(
     tensors = {
         hf_key(name): t.detach().to(device="cpu", dtype=dtype).contiguous()
         for name, t in model.state_dict().items()
+        # transformers writes a tied model without lm_head.weight, and ties it when loading.
+        if not (model.cfg.tie_word_embeddings and name == TIED_OUTPUT)
     }
     shards = _split_into_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
@@ -192,22 +181,6 @@ def _write_json(path: Path, obj: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class CheckpointFormat(Enum):
-    hf_safetensors = "Hugging Face, safetensors"
-    hf_bin = "Hugging Face, PyTorch .bin"
-    meta = "Meta, consolidated.NN.pth"
-
-
-@dataclass(frozen=True)
-class CheckpointFiles:
-    """What `find_checkpoint` found in a checkpoint directory."""
-
-    format: CheckpointFormat
-    config: Path  # config.json or params.json: the architecture
-    weights: list[Path]  # every file that holds weights, in order
-    listing: Path  # the file that should have listed a weight found missing
-
-
 # (key as the checkpoint names it, tensor in the run's dtype on its device)
 Weights = Iterator[tuple[str, torch.Tensor]]
 
@@ -225,14 +198,34 @@ def load_checkpoint(
     shapes = {key: model.get_parameter(name).shape for key, name in names.items()}
     weights = _read_weights(found, cfg, shapes, device, dtype)
     state = {names[key]: tensor for key, tensor in weights}
+    if cfg.tie_word_embeddings:
+        _drop_tied_output(found, state)
+        names = {key: name for key, name in names.items() if name != TIED_OUTPUT}
     missing = [key for key, name in names.items() if name not in state]
     if missing:
         raise UserError(
             f"{found.listing}: missing {missing[0]!r} "
             f"({len(missing)} of the model's {len(names)} weights are missing)"
         )
-    model.load_state_dict(state, assign=True)
+    # Not strict: a tied model's lm_head.weight is not in `state`; every other weight is.
+    model.load_state_dict(state, assign=True, strict=False)
+    # `assign` put a new embedding Parameter in place: point the output layer at it again.
+    model.tie_output_to_embedding()
     return model
+
+
+def _drop_tied_output(found: CheckpointFiles, state: dict[str, torch.Tensor]) -> None:
+    """A tied checkpoint may still hold lm_head.weight: a copy of the embedding is dropped, but a
+    different one is refused, since transformers versions disagree on it (5.x then unties the
+    two, 4.x overwrote lm_head with the embedding)."""
+    output = state.pop(TIED_OUTPUT, None)
+    embedding = state.get("embed_tokens.weight")
+    if output is not None and embedding is not None and not torch.equal(output, embedding):
+        raise UserError(
+            f"{found.config}: tie_word_embeddings=true but {found.listing.name} holds an "
+            "lm_head.weight that differs from the embedding; set tie_word_embeddings to false "
+            "to train both, or remove lm_head.weight to tie them"
+        )
 
 
 # The name before Meta checkpoints were readable; it reads every format.
@@ -247,67 +240,12 @@ def _read_weights(
     dtype: torch.dtype,
 ) -> Weights:
     """Check the architecture, then read the tensors in the format's own way."""
-    if found.format is CheckpointFormat.meta:
-        check_meta_architecture(cfg, found.config)
-        return _read_meta(found.weights, shapes, cfg.head_dim, device, dtype)
     check_architecture(cfg, found.config.parent)
+    if found.format is CheckpointFormat.meta:
+        return _read_meta(found.weights, shapes, cfg.head_dim, device, dtype)
     if found.format is CheckpointFormat.hf_safetensors:
         return _read_hf_safetensors(found.weights, shapes, device, dtype)
     return _read_hf_bin(found.weights, shapes, device, dtype)
-
-
-def find_checkpoint(ckpt_dir: Path) -> CheckpointFiles:
-    """The format of `ckpt_dir` and its files; a Hugging Face checkpoint in safetensors wins."""
-    if not ckpt_dir.is_dir():
-        raise UserError(f"{ckpt_dir}: not a directory")
-    hf_layouts = [
-        (CheckpointFormat.hf_safetensors, SAFETENSORS, SAFETENSORS_INDEX),
-        (CheckpointFormat.hf_bin, PYTORCH_BIN, PYTORCH_BIN_INDEX),
-    ]
-    for checkpoint_format, single, index in hf_layouts:
-        present = [ckpt_dir / n for n in (index, single) if (ckpt_dir / n).is_file()]
-        if present:
-            if not (ckpt_dir / "config.json").is_file():
-                raise UserError(f"{ckpt_dir}: {present[0].name} but no config.json beside it")
-            weights, listing = _hf_weight_files(ckpt_dir, present[0])
-            return CheckpointFiles(checkpoint_format, ckpt_dir / "config.json", weights, listing)
-    if (ckpt_dir / PARAMS_FILE).is_file() or any(ckpt_dir.glob(SHARD_GLOB)):
-        params, shards = meta_files(ckpt_dir)
-        return CheckpointFiles(CheckpointFormat.meta, params, shards, shards[0])
-    if (ckpt_dir / "config.json").is_file():
-        raise UserError(
-            f"{ckpt_dir}: config.json but no {SAFETENSORS}, {SAFETENSORS_INDEX}, {PYTORCH_BIN} "
-            f"or {PYTORCH_BIN_INDEX}"
-        )
-    raise UserError(
-        f"{ckpt_dir}: no checkpoint: expected config.json with {SAFETENSORS} or {PYTORCH_BIN} "
-        f"(Hugging Face), or {PARAMS_FILE} with {shard_name(0)} (Meta)"
-    )
-
-
-def _hf_weight_files(ckpt_dir: Path, first: Path) -> tuple[list[Path], Path]:
-    """(weight files, the file that lists them) from a single weights file or an index."""
-    if not first.name.endswith(".index.json"):
-        return [first], first
-    files = [ckpt_dir / name for name in sorted(set(_weight_map(first).values()))]
-    for file in files:
-        if not file.is_file():
-            raise UserError(f"{file}: missing, but {first.name} lists it")
-    return files, first
-
-
-def _weight_map(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{index}: not a readable index of weight files ({e!r})") from None
-    if not isinstance(weight_map, dict):
-        raise UserError(f"{index}: weight_map is not a mapping from weight names to files")
-    for key, name in weight_map.items():
-        # A bare file name: an index must not point outside its checkpoint.
-        if not isinstance(name, str) or Path(name).name != name:
-            raise UserError(f"{index}: {key} is in {name!r}, expected a file name")
-    return weight_map
 
 
 # Checkpoints saved by transformers before 4.31 (Llama-2's on the Hub among them) carry each
@@ -475,41 +413,31 @@ def _madvise() -> Callable[[int, int, int], int]:
     return madvise
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(found, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(found).__name__}")
-    return found
+# output_dtype -> the dtype the model is saved in; `auto` is the checkpoint's (`stored_dtype`).
+OUTPUT_DTYPES = {
+    OutputDType.fp32: torch.float32,
+    OutputDType.bf16: torch.bfloat16,
+    OutputDType.fp16: torch.float16,
+}
 
 
-def check_architecture(cfg: ModelConfig, ckpt_dir: Path) -> None:
-    """The checkpoint's config.json must describe the architecture the run was configured with."""
-    path = ckpt_dir / "config.json"
-    if not path.is_file():
-        raise UserError(f"{ckpt_dir}: no config.json (expected a Hugging Face checkpoint)")
-    found = _read_json_object(path)
-    # transformers 5 keeps the RoPE base inside `rope_parameters`, with the scaling type.
-    rope = found.get("rope_parameters") or {}
-    found.setdefault("rope_theta", rope.get("rope_theta"))
-    scaling = found.get("rope_scaling") or (
-        rope if rope.get("rope_type", "default") != "default" else None
-    )
-    if scaling:
-        raise UserError(
-            f"{path}: rope_scaling={json.dumps(scaling)} is not supported: finetune trains with "
-            "Llama-2's unscaled rotary embeddings"
-        )
-    for ours, hf in HF_CONFIG_KEYS.items():
-        value, expected = found.get(hf), getattr(cfg, ours)
-        # Absent means the library default; a different context length is a setting, not a
-        # different model.
-        if value is None or ours == "context_length":
-            continue
-        if value != expected:
-            raise UserError(
-                f"{path}: {hf}={value} but model.{ours}={expected}; "
-                f"pick the model= option that matches the checkpoint"
-            )
+def output_dtype(choice: OutputDType, ckpt_dir: Path) -> torch.dtype:
+    return OUTPUT_DTYPES.get(choice) or stored_dtype(ckpt_dir)
+
+
+def stored_dtype(ckpt_dir: Path) -> torch.dtype:
+    """The dtype the checkpoint in `ckpt_dir` stores its weights in: config.json's torch_dtype
+    (or dtype), else that of the first tensor of its first weight file."""
+    found = find_checkpoint(ckpt_dir)
+    if found.format is not CheckpointFormat.meta:
+        named = hf_architecture(found.config).stored_dtype
+        if named:
+            return getattr(torch, named)
+    first = found.weights[0]
+    if found.format is CheckpointFormat.hf_safetensors:
+        with safe_open(first, framework="pt") as f:
+            dtype = f.get_tensor(next(iter(f.keys()))).dtype  # memory-mapped: nothing is read
+    else:
+        dtype = next(iter(_load_torch_file(first).values())).dtype
+    # fp64 or int8 files are not a format to write back.
+    return dtype if dtype in TORCH_DTYPE_NAMES else torch.float32

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.architecture import resolve_architecture
 from finetune.errors import ConfigError
 
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -47,6 +48,14 @@ class OutputFormat(Enum):
     meta = "meta"
 
 
+class OutputDType(Enum):
+    # The dtype the checkpoint's files hold: an fp16 checkpoint comes back fp16.
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Device(Enum):
     auto = "auto"
     cpu = "cpu"
@@ -55,26 +64,33 @@ class Device(Enum):
 
 @dataclass
 class ModelConfig:
-    """Llama architecture; the defaults are Llama-2-7B's."""
+    """Llama architecture. A field left at its null value (0, 0.0, false) is the checkpoint's,
+    read from its config.json or params.json (`architecture.resolve_architecture`); a field
+    that is set must match the checkpoint."""
 
-    vocab_size: int = option(32000, "tokens in the embedding and output layers")
-    dim: int = option(4096, "width of the residual stream (hidden_size)")
-    n_layers: int = option(32, "transformer blocks")
-    n_heads: int = option(32, "attention (query) heads")
-    n_kv_heads: int = option(32, "key/value heads; fewer than n_heads is grouped-query attention")
-    ffn_dim: int = option(11008, "hidden width of the SwiGLU feed-forward (intermediate_size)")
-    norm_eps: float = option(1e-5, "RMSNorm epsilon")
-    rope_theta: float = option(10000.0, "rotary embedding base")
-    context_length: int = option(4096, "longest sequence the model was trained for")
+    name: str = option("", "the model= option that set these fields (for messages); empty: auto")
+    vocab_size: int = option(0, "tokens in the embedding and output layers")
+    dim: int = option(0, "width of the residual stream (hidden_size)")
+    n_layers: int = option(0, "transformer blocks")
+    n_heads: int = option(0, "attention (query) heads")
+    n_kv_heads: int = option(0, "key/value heads; fewer than n_heads is grouped-query attention")
+    ffn_dim: int = option(0, "hidden width of the SwiGLU feed-forward (intermediate_size)")
+    norm_eps: float = option(0.0, "RMSNorm epsilon")
+    rope_theta: float = option(0.0, "rotary embedding base")
+    context_length: int = option(
+        0, "longest sequence: the checkpoint's max_position_embeddings, more with extend_context"
+    )
+    tie_word_embeddings: bool = option(
+        False, "the output layer is the embedding (one weight), as config.json says"
+    )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
-            _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1", getattr(self, name))
-        _require(self.norm_eps > 0, "model.norm_eps", "must be > 0", self.norm_eps)
-        _require(self.rope_theta > 0, "model.rope_theta", "must be > 0", self.rope_theta)
-        _require(
-            self.context_length >= 1, "model.context_length", "must be >= 1", self.context_length
-        )
+        for name in ARCHITECTURE_NUMBERS:
+            _require(
+                getattr(self, name) >= 0, f"model.{name}", UNSET_OR_POSITIVE, getattr(self, name)
+            )
+        if not self.is_complete:
+            return  # checked again once the checkpoint has filled it in
         if self.dim % self.n_heads:
             raise ConfigError("model.dim", f"{self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -85,8 +101,27 @@ class ModelConfig:
             raise ConfigError("model.dim", f"head dimension {self.head_dim} must be even (rotary)")
 
     @property
+    def is_complete(self) -> bool:
+        """Every number given: no field is left for the checkpoint to fill."""
+        return all(getattr(self, name) for name in ARCHITECTURE_NUMBERS)
+
+    @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+
+ARCHITECTURE_NUMBERS = (
+    "vocab_size",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_dim",
+    "norm_eps",
+    "rope_theta",
+    "context_length",
+)
+UNSET_OR_POSITIVE = "must be >= 0 (0 takes the checkpoint's)"
 
 
 DATASET_FORMATS = ("alpaca", "chat")
@@ -158,7 +193,9 @@ class DatasetConfig:
 class FullFinetuneParams:
     """Full fine-tuning: every weight of the model is trained."""
 
-    model: ModelConfig = option(doc="architecture; must match the checkpoint", factory=ModelConfig)
+    model: ModelConfig = option(
+        doc="architecture; unset fields are the checkpoint's", factory=ModelConfig
+    )
     dataset: DatasetConfig = option(doc="training data", factory=DatasetConfig)
     checkpoint: str = option(
         "", "model directory: Hugging Face (safetensors or .bin) or Meta (consolidated.NN.pth)"
@@ -210,6 +247,12 @@ class FullFinetuneParams:
     output_format: OutputFormat = option(
         OutputFormat.hf, "hf: model/ in Hugging Face format; meta: also model_meta/ in Meta's"
     )
+    output_dtype: OutputDType = option(
+        OutputDType.auto, "dtype of the saved model; auto: the checkpoint's stored dtype"
+    )
+    extend_context: bool = option(
+        False, "allow a model.context_length beyond the checkpoint's (saved as the new one)"
+    )
 
     def __post_init__(self) -> None:
         self.checkpoint = absolute_path(self.checkpoint)
@@ -236,12 +279,6 @@ class FullFinetuneParams:
             "pad_to_multiple_of",
             "must be >= 1",
             self.pad_to_multiple_of,
-        )
-        _require(
-            self.max_seq_len <= self.model.context_length,
-            "max_seq_len",
-            f"must be <= model.context_length={self.model.context_length}",
-            self.max_seq_len,
         )
         _require(
             self.log_every_n_steps >= 1, "log_every_n_steps", "must be >= 1", self.log_every_n_steps
@@ -288,6 +325,18 @@ class FullFinetuneParams:
         # with its defaults when it reads the schema, so its own __post_init__ must accept them.
         _require_file(self.dataset.path, "dataset.path", suffixes=DATASET_SUFFIXES)
         _require_dir(self.checkpoint, "checkpoint")
+        self.model = resolve_architecture(
+            self.model,
+            Path(self.checkpoint),
+            max_seq_len=self.max_seq_len,
+            extend_context=self.extend_context,
+        )
+        _require(
+            self.max_seq_len <= self.model.context_length,
+            "max_seq_len",
+            f"must be <= model.context_length={self.model.context_length}",
+            self.max_seq_len,
+        )
         if not self.tokenizer:
             self.tokenizer = str(_checkpoint_tokenizer(Path(self.checkpoint)))
         _require_file(self.tokenizer, "tokenizer", suffixes=TOKENIZER_SUFFIXES)
@@ -312,8 +361,6 @@ TOKENIZER_SUFFIXES = (".model", ".json")
 
 def _checkpoint_tokenizer(checkpoint: Path) -> Path:
     """The tokenizer shipped with a checkpoint: in its directory, or (Meta's layout) above it."""
-    if not any(checkpoint.iterdir()):  # say so, rather than blame the tokenizer
-        raise ConfigError("checkpoint", f"{checkpoint} is an empty directory")
     for directory in (checkpoint, checkpoint.parent):
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():
@@ -404,6 +451,12 @@ class LoraFinetuneParams(FullFinetuneParams):
     def __post_init__(self) -> None:
         self.adapter = absolute_path(self.adapter)
         super().__post_init__()
+        if self.model.tie_word_embeddings and "lm_head" in self.lora.targets:
+            raise ConfigError(
+                "lora.targets",
+                "lm_head is tied to the embedding (tie_word_embeddings), so an adapter on it "
+                "would change the input embedding too; leave lm_head out",
+            )
         if self.adapter:
             _require_dir(self.adapter, "adapter")
         # The Meta copy is of the merged model; an adapter has no Meta layout.

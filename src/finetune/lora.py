@@ -229,6 +229,9 @@ def apply_lora(model: Llama, cfg: LoraConfig) -> None:
     quantize the blocks' linear layers to NF4 first."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters")
+    if model.cfg.tie_word_embeddings and "lm_head" in cfg.targets:
+        # LoraFinetuneParams refuses this; merging would write the update into the embedding.
+        raise ValueError("lm_head is tied to the embedding: it cannot take an adapter")
     model.requires_grad_(False)
     if cfg.quantize_base:
         quantize_base_weights(model)

@@ -9,7 +9,8 @@ What differs from finetune's (Hugging Face's) layout, and how each difference is
   attention scores, so converting is an exact reordering of the rows of wq and wk, per head.
 - `params.json` gives the feed-forward width as Meta's formula over `dim`, `multiple_of` and
   `ffn_dim_multiplier`, and may leave the vocabulary to the tokenizer (`vocab_size: -1`).
-Reading the shards lazily lives with the other readers in checkpoint.py.
+Reading params.json lives in architecture.py (without torch), reading the shards lazily with the
+other readers in checkpoint.py.
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ from pathlib import Path
 
 import torch
 
+from finetune.architecture import LLAMA2_ROPE_THETA, PARAMS_FILE, meta_ffn_dim, shard_name
 from finetune.config import ModelConfig
 from finetune.errors import UserError
 from finetune.model import Llama
 
-PARAMS_FILE = "params.json"
-SHARD_GLOB = "consolidated.*.pth"
 # Present in Meta's files but not a parameter: the rotary frequencies, recomputed at run time.
 NOT_PARAMETERS = frozenset({"rope.freqs"})
-# Llama-2's reference code hard-codes this RoPE base and rejects a `rope_theta` key in params.json.
-LLAMA2_ROPE_THETA = 10000.0
 
 _TOP_LEVEL_KEYS = {
     "embed_tokens.weight": "tok_embeddings.weight",
@@ -63,10 +61,6 @@ SPLIT_DIMS = {
     "tok_embeddings": 1,
 }
 _ROTARY_MODULES = frozenset({"wq", "wk"})
-
-
-def shard_name(index: int) -> str:
-    return f"consolidated.{index:02d}.pth"
 
 
 def meta_key(name: str) -> str:
@@ -113,21 +107,6 @@ def pairs_from_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def meta_files(ckpt_dir: Path) -> tuple[Path, list[Path]]:
-    """params.json and the shards, checked to be numbered from 00 without gaps."""
-    params = ckpt_dir / PARAMS_FILE
-    found = sorted(p.name for p in ckpt_dir.glob(SHARD_GLOB))
-    if not params.is_file():
-        raise UserError(f"{ckpt_dir}: {found[0]} but no {PARAMS_FILE} beside it")
-    expected = [shard_name(i) for i in range(max(1, len(found)))]
-    if missing := [name for name in expected if name not in found]:
-        raise UserError(
-            f"{ckpt_dir / missing[0]}: missing; Meta numbers its model-parallel shards from "
-            f"{shard_name(0)} without gaps, found: {', '.join(found) or 'none'}"
-        )
-    return params, [ckpt_dir / name for name in expected]
-
-
 def check_same_keys(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> None:
     """Every model-parallel shard holds a slice (or a copy) of every tensor."""
     first = shards[0].keys()
@@ -160,14 +139,6 @@ def meta_slice_shape(
 # --------------------------------------------------------------------------------------------
 
 
-def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """The feed-forward width Meta's reference code builds from params.json."""
-    hidden = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * math.ceil(hidden / multiple_of)
-
-
 def ffn_params(dim: int, ffn_dim: int) -> dict[str, int | float]:
     """`multiple_of`, and `ffn_dim_multiplier` if needed, for which `meta_ffn_dim` gives ffn_dim."""
     # Llama-2's 7B and 13B use multiple_of=256 without a multiplier. Other widths get the largest
@@ -197,60 +168,6 @@ def params_json(cfg: ModelConfig) -> dict[str, int | float]:
     if cfg.rope_theta != LLAMA2_ROPE_THETA:
         params["rope_theta"] = cfg.rope_theta
     return params
-
-
-def _read_params(path: Path) -> dict:
-    try:
-        params = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(params, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    for key in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps"):
-        if not isinstance(params.get(key), (int, float)):
-            raise UserError(f"{path}: {key} is {params.get(key)!r}, expected a number")
-    return params
-
-
-def _architecture(params: dict) -> dict[str, tuple[str, object]]:
-    """ModelConfig field -> (what params.json says, as shown in errors; the value it implies)."""
-    found: dict[str, tuple[str, object]] = {
-        name: (f"{name}={params[name]}", params[name]) for name in ("dim", "n_layers", "n_heads")
-    }
-    if "n_kv_heads" in params:
-        found["n_kv_heads"] = (f"n_kv_heads={params['n_kv_heads']}", params["n_kv_heads"])
-    else:
-        found["n_kv_heads"] = (
-            f"n_kv_heads absent (= n_heads={params['n_heads']})",
-            params["n_heads"],
-        )
-    multiplier = params.get("ffn_dim_multiplier")
-    ffn_dim = meta_ffn_dim(params["dim"], params["multiple_of"], multiplier)
-    found["ffn_dim"] = (
-        f"multiple_of={params['multiple_of']}, ffn_dim_multiplier={multiplier} "
-        f"(feed-forward width {ffn_dim})",
-        ffn_dim,
-    )
-    found["norm_eps"] = (f"norm_eps={params['norm_eps']}", params["norm_eps"])
-    found["rope_theta"] = (
-        f"rope_theta={params.get('rope_theta', LLAMA2_ROPE_THETA)}",
-        params.get("rope_theta", LLAMA2_ROPE_THETA),
-    )
-    # -1 leaves the vocabulary to the tokenizer; the embedding's shape is checked when it is read.
-    if params.get("vocab_size", -1) != -1:
-        found["vocab_size"] = (f"vocab_size={params['vocab_size']}", params["vocab_size"])
-    return found
-
-
-def check_meta_architecture(cfg: ModelConfig, path: Path) -> None:
-    """params.json (at `path`) must describe the architecture the run was configured with."""
-    for ours, (described, value) in _architecture(_read_params(path)).items():
-        expected = getattr(cfg, ours)
-        if value != expected:
-            raise UserError(
-                f"{path}: {described} but model.{ours}={expected}; "
-                f"pick the model= option that matches the checkpoint"
-            )
 
 
 # --------------------------------------------------------------------------------------------

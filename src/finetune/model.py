@@ -108,11 +108,20 @@ class Block(nn.Module):
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if not cfg.is_complete:
+            raise ValueError(f"an architecture with fields left to a checkpoint: {cfg}")
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_output_to_embedding()
+
+    def tie_output_to_embedding(self) -> None:
+        """With `tie_word_embeddings`, make lm_head's weight the embedding's Parameter itself:
+        one weight, trained once, with the gradients of both uses (as transformers ties them)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """(batch, seq) token ids -> (batch, seq, dim) final normalised hidden states.

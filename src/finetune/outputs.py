@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import DType, FullFinetuneParams, LoraFinetuneParams, OutputFormat
+from finetune.checkpoint import output_dtype
+from finetune.config import FullFinetuneParams, LoraFinetuneParams, OutputFormat
 from finetune.errors import UserError
 from finetune.model import Llama, count_parameters
 
@@ -171,7 +172,7 @@ def final_model_bytes(model: Llama, params: FullFinetuneParams) -> int:
     """The size of the model directories the run ends by writing."""
     with torch.device("meta"):  # the unquantized, unadapted model's size, without memory
         n_weights = count_parameters(Llama(model.cfg))
-    model_bytes = n_weights * (2 if params.dtype is DType.bf16 else 4)
+    model_bytes = n_weights * output_dtype(params.output_dtype, Path(params.checkpoint)).itemsize
     if params.output_format is OutputFormat.meta:
         model_bytes *= 2
     if not isinstance(params, LoraFinetuneParams):

@@ -34,10 +34,13 @@ PATH_FIELDS = {"dataset": ("a file", "dataset.path"), "model": ("a checkpoint", 
 
 
 def command_line(argv: list[str], group_options: dict[str, list[str]]) -> list[str]:
-    """`argv` as Hydra's parser takes it: flags first, then the checked overrides."""
+    """`argv` as Hydra's parser takes it: flags first, then the checked overrides, with
+    `model=auto` added when a checkpoint is given without a model option."""
     flags, overrides = split_flags(argv)
     parsed = parse_each(overrides)
     check_group_choices(parsed, group_options)
+    if choosing_checkpoint_without_model(parsed):
+        overrides.append("model=auto")
     rerun = [o for o in parsed if o.key_or_group == "rerun"]
     if rerun:
         overrides = [o for o in overrides if not o.startswith("rerun=")]
@@ -143,3 +146,10 @@ def check_group_choices(parsed: list[Override], group_options: dict[str, list[st
                 f"{group}={value}: {group}= picks an option ({options}); "
                 f"{what} goes in {field}={value}"
             )
+
+
+def choosing_checkpoint_without_model(parsed: list[Override]) -> bool:
+    """A checkpoint given with no model option (or experiment, which picks one) is read as
+    model=auto: its own config.json or params.json says what it is."""
+    keys = {override.key_or_group for override in parsed}
+    return "checkpoint" in keys and not keys & {"model", "experiment"}

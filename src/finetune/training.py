@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -17,7 +18,7 @@ from typing import TypeVar
 import torch
 from omegaconf import OmegaConf
 
-from finetune.checkpoint import save_hf
+from finetune.checkpoint import output_dtype, save_hf
 from finetune.config import (
     RECIPE_PARAMS,
     Device,
@@ -79,6 +80,8 @@ def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list
     seed_everything(params.seed)
     device = resolve_device(params.device)
     tokenizer = Tokenizer(Path(params.tokenizer))
+    if not params.model.vocab_size:  # Meta's params.json leaves it to the tokenizer
+        params.model = dataclasses.replace(params.model, vocab_size=tokenizer.vocab_size)
     tokenizer.check_vocab(params.model.vocab_size)
     examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
     return device, tokenizer, examples
@@ -101,8 +104,8 @@ def log_model(model: Llama, params: FullFinetuneParams, n_examples: int) -> None
 def save_model(
     model: Llama, params: FullFinetuneParams, tokenizer: Tokenizer, out_dir: Path
 ) -> None:
-    """The model in Hugging Face format (and Meta's with output_format=meta), in the run's dtype."""
-    dtype = torch.bfloat16 if params.dtype is DType.bf16 else torch.float32
+    """The model in Hugging Face format (and Meta's with output_format=meta), in output_dtype."""
+    dtype = output_dtype(params.output_dtype, Path(params.checkpoint))
     # Atomic, so a rerun in the same directory that fails (disk full) keeps the earlier model.
     with atomic_directory(out_dir) as tmp:
         save_hf(
@@ -115,7 +118,7 @@ def save_model(
             max_shard_bytes=params.max_shard_size_mb * 1_000_000,
             chat_template=LLAMA2_CHAT_TEMPLATE if params.dataset.format == "chat" else "",
         )
-    log.info("model saved to %s", out_dir)
+    log.info("model saved to %s (%s)", out_dir, str(dtype).removeprefix("torch."))
     if params.output_format is OutputFormat.meta:
         meta_dir = out_dir.with_name(out_dir.name + "_meta")
         with atomic_directory(meta_dir) as tmp:
