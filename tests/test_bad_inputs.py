@@ -123,9 +123,13 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     saved = tmp / "saved_run" / ".hydra"
     saved.mkdir(parents=True)
     (saved / "config.yaml").write_text(OmegaConf.to_yaml(compose_config([])) + "epoch: 3\n")
-    # A finished run of 2 steps, with the checkpoint of its last step.
+    # A finished run of 2 steps, with the checkpoint of its last step; model=auto, as the CLI
+    # reads `checkpoint=` without a model option.
+    finished = tmp / "finished_run"
     full.run(
-        small_params(small_checkpoint, tmp / "finished_run", "max_steps=2", "save_every_n_steps=5")
+        small_params(
+            small_checkpoint, finished, "model=auto", "max_steps=2", "save_every_n_steps=5"
+        )
     )
     bad_adapter = tmp / "bad_json_adapter"
     bad_adapter.mkdir()

@@ -54,8 +54,15 @@ SCHEDULE = (
 def params_for(
     recipe: str, checkpoint: Path, data: Path, out: Path, *overrides: str
 ) -> FullFinetuneParams:
+    # model=auto: what the CLI reads `checkpoint=` without a model option as (cli_args).
     return small_params(
-        checkpoint, out, f"dataset.path={data}", *SCHEDULE, *RECIPES[recipe][1], *overrides
+        checkpoint,
+        out,
+        "model=auto",
+        f"dataset.path={data}",
+        *SCHEDULE,
+        *RECIPES[recipe][1],
+        *overrides,
     )
 
 
@@ -178,10 +185,10 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(
     saved = steps_on_disk(run_dir)
     assert len(saved) == 1 and int(saved[0].removeprefix("step_")) < 200, output
     # The command that continues the run, with its own overrides, ready to paste.
+    # model=auto: added to a command line that names a checkpoint but no model option.
     overrides = " ".join(a for a in args if not a.startswith("hydra.run.dir="))
-    assert f"resume with: python -m finetune {overrides} hydra.run.dir={run_dir} resume=true\n" in (
-        output
-    )
+    command = f"python -m finetune {overrides} model=auto hydra.run.dir={run_dir} resume=true"
+    assert f"resume with: {command}\n" in (output)
     assert "SIGTERM: stopping after this step to save a checkpoint; send SIGTERM again" in output
     assert not (run_dir / "model").exists()
 
@@ -486,5 +493,7 @@ def test_a_run_the_data_cannot_fill_says_so_at_the_start(
 
     caplog.clear()
     with caplog.at_level("WARNING", logger="finetune.training"):
-        full.run(small_params(small_checkpoint, tmp_path, f"dataset.path={data}", "max_steps=1"))
+        full.run(
+            small_params(small_checkpoint, tmp_path / "one", f"dataset.path={data}", "max_steps=1")
+        )
     assert not [m for m in caplog.messages if "per epoch" in m]
