@@ -41,6 +41,7 @@ def main() -> None:
         ]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         tokenizer = AutoTokenizer.from_pretrained(run / "model")
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions are left out below
         rows = [json.loads(line) for line in (ASSETS / "sample.jsonl").open()][:16]
         texts = [f"{row['instruction']}\n{row['output']}" for row in rows]
         batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
