@@ -15,9 +15,10 @@ import yaml
 from safetensors.torch import load_file
 
 from finetune import training
-from finetune.checkpoint import hf_key, load_checkpoint
+from finetune.checkpoint import load_checkpoint
 from finetune.config import LoraFinetuneParams
 from finetune.errors import UserError
+from finetune.hf_format import hf_key
 from finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

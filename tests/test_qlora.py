@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from finetune.checkpoint import load_checkpoint, load_hf, save_hf
+from finetune.checkpoint import load_checkpoint, load_hf
 from finetune.config import LORA_TARGETS, LoraConfig, ModelConfig, build_params, model_preset
 from finetune.errors import UserError
+from finetune.hf_format import save_hf
 from finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -28,9 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from finetune.checkpoint import hf_key
 from finetune.config import LoraConfig
 from finetune.errors import UserError
+from finetune.hf_format import hf_key
 from finetune.model import Llama
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 from omegaconf import OmegaConf
 
-from finetune.checkpoint import output_dtype, save_hf
+from finetune.checkpoint import output_dtype
 from finetune.config import (
     RECIPE_PARAMS,
     Device,
@@ -37,6 +37,7 @@ from finetune.data import (
     split_examples,
 )
 from finetune.errors import UserError
+from finetune.hf_format import save_hf
 from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.lora import output_weight
 from finetune.loss import chunked_cross_entropy
