@@ -21,8 +21,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from finetune.architecture import CheckpointFormat, find_checkpoint
 from finetune.checkpoint import load_checkpoint
+from finetune.checkpoint_files import CheckpointFormat, find_checkpoint
 from finetune.config import ModelConfig
 from finetune.errors import UserError
 from finetune.hf_format import hf_key, save_hf

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from finetune.architecture import SAFETENSORS_INDEX
 from finetune.checkpoint import load_checkpoint
+from finetune.checkpoint_files import SAFETENSORS_INDEX
 from finetune.config import ModelConfig
 from finetune.errors import UserError
 from finetune.hf_format import hf_key, save_hf

@@ -1,10 +1,11 @@
 """Loading a checkpoint directory, in Hugging Face's or Meta's format, into a model.
 
-`load_checkpoint` tells the format from the directory's files (architecture.py), then streams the
-weights into a model built on the meta device: each tensor is viewed lazily through a memory map,
-copied once into the run's dtype, and its file pages are dropped (lean_loading.py), so loading
-holds little more than the model. Nothing on a load path runs code from a file: safetensors holds
-only tensors, and `torch.load(weights_only=True)` refuses any pickled object that is not a tensor.
+`load_checkpoint` tells the format from the directory's files (checkpoint_files.py), then
+streams the weights into a model built on the meta device: each tensor is viewed lazily through a
+memory map, copied once into the run's dtype, and its file pages are dropped (lean_loading.py), so
+loading holds little more than the model. Nothing on a load path runs code from a file:
+safetensors holds only tensors, and `torch.load(weights_only=True)` refuses any pickled object that
+is not a tensor.
 
 Hugging Face's key names are in hf_format.py, Meta's in meta_format.py.
 """
@@ -18,13 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from finetune.architecture import (
-    CheckpointFiles,
-    CheckpointFormat,
-    check_architecture,
-    find_checkpoint,
-    hf_architecture,
-)
+from finetune.architecture import check_architecture, hf_architecture
+from finetune.checkpoint_files import CheckpointFiles, CheckpointFormat, find_checkpoint
 from finetune.config import ModelConfig, OutputDType
 from finetune.errors import UserError
 from finetune.hf_format import TIED_OUTPUT, TORCH_DTYPE_NAMES, hf_key

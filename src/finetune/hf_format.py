@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from finetune.architecture import HF_CONFIG_KEYS, SAFETENSORS_INDEX
+from finetune.architecture import HF_CONFIG_KEYS
+from finetune.checkpoint_files import SAFETENSORS_INDEX
 from finetune.config import ModelConfig
 from finetune.model import Llama
 
