@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoint import save_hf
 from finetune.config import ASSETS_DIR, LoraConfig, ModelConfig, model_preset
+from finetune.hf_format import save_hf
 from finetune.lora import apply_lora
 from finetune.model import Llama
 

@@ -47,8 +47,8 @@ def write_checkpoints(fields: dict[str, int], root: Path) -> None:
     """One random model (a single copy in memory), written in every format."""
     import torch
 
-    from finetune.checkpoint import hf_config, hf_key, save_hf
     from finetune.config import ASSETS_DIR, ModelConfig
+    from finetune.hf_format import hf_config, hf_key, save_hf
     from finetune.meta_format import save_meta
     from finetune.model import Llama, count_parameters
 

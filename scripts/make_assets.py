@@ -39,8 +39,8 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from finetune.checkpoint import save_hf
 from finetune.config import model_preset
+from finetune.hf_format import save_hf
 from finetune.model import Llama, count_parameters
 
 SEED = 0

@@ -14,7 +14,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from finetune.checkpoint import save_hf
 from finetune.config import (
     ASSETS_DIR,
     FullFinetuneParams,
@@ -23,6 +22,7 @@ from finetune.config import (
     config_dir,
     register_schemas,
 )
+from finetune.hf_format import save_hf
 from finetune.model import Llama
 from finetune.tokenizer import Tokenizer
 

@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from finetune.chat_format import Message, llama2_chat_turns, read_conversations
 from finetune.config import ASSETS_DIR, ColumnMap, DatasetConfig, build_params
-from finetune.data import (
-    IGNORE_INDEX,
-    Message,
-    llama2_chat_turns,
-    load_dataset,
-    read_conversations,
-    tokenize_chat,
-)
+from finetune.data import IGNORE_INDEX, load_dataset, tokenize_chat
 from finetune.errors import ConfigError, UserError
 from finetune.recipes import full
 from finetune.tokenizer import Tokenizer

@@ -21,15 +21,11 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from finetune.checkpoint import (
-    CheckpointFormat,
-    find_checkpoint,
-    hf_key,
-    load_checkpoint,
-    save_hf,
-)
+from finetune.checkpoint import load_checkpoint
+from finetune.checkpoint_files import CheckpointFormat, find_checkpoint
 from finetune.config import ModelConfig
 from finetune.errors import UserError
+from finetune.hf_format import hf_key, save_hf
 from finetune.loss import chunked_cross_entropy
 from finetune.meta_format import (
     halves_from_pairs,

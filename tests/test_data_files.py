@@ -10,8 +10,10 @@ from types import ModuleType
 
 import pytest
 
+from finetune.chat_format import read_conversations
 from finetune.config import DatasetConfig
-from finetune.data import load_dataset, read_conversations, read_records, read_rows
+from finetune.data import load_dataset, read_records
+from finetune.data_files import read_rows
 from finetune.errors import UserError
 from finetune.tokenizer import Tokenizer
 from tests.conftest import write_jsonl

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from finetune import checkpoint, outputs, state, training
+from finetune import hf_format, outputs, state, training
 from finetune.errors import UserError
 from finetune.lora import apply_lora
 from finetune.model import Llama
@@ -233,7 +233,7 @@ def test_a_full_disk_while_saving_the_model_keeps_the_earlier_model(
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
 
     # Resumed, as only a resumed run may replace a finished run's model.
-    fail_writes_after(monkeypatch, checkpoint, "save_file", 0)
+    fail_writes_after(monkeypatch, hf_format, "save_file", 0)
     with pytest.raises(UserError) as error:
         full.run(small_params(small_checkpoint, tmp_path, *run, "resume=true"))
     assert str(error.value) == (

@@ -16,20 +16,16 @@ from finetune.checkpoint import load_hf
 from finetune.config import LORA_TARGETS, LoraConfig
 from finetune.data import IGNORE_INDEX
 from finetune.errors import ConfigError, UserError
-from finetune.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LoRALinear,
-    adapter_state_dict,
-    apply_lora,
-    load_adapter,
-    lora_modules,
-    merge_lora,
-    output_weight,
-    save_adapter,
-)
+from finetune.lora import LoRALinear, apply_lora, lora_modules, merge_lora, output_weight
 from finetune.loss import chunked_cross_entropy
 from finetune.model import Llama
+from finetune.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_state_dict,
+    load_adapter,
+    save_adapter,
+)
 from tests.conftest import SMALL_MODEL
 
 CPU = torch.device("cpu")

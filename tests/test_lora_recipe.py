@@ -15,17 +15,13 @@ import yaml
 from safetensors.torch import load_file
 
 from finetune import training
-from finetune.checkpoint import hf_key, load_checkpoint
+from finetune.checkpoint import load_checkpoint
 from finetune.config import LoraFinetuneParams
 from finetune.errors import UserError
-from finetune.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    adapter_state_dict,
-    apply_lora,
-    load_adapter,
-)
+from finetune.hf_format import hf_key
+from finetune.lora import apply_lora
 from finetune.model import Llama
+from finetune.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, load_adapter
 from finetune.recipes import lora as lora_recipe
 from tests.conftest import SMALL_MODEL, model_overrides, run_cli, small_params
 

@@ -19,9 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from finetune.checkpoint import SAFETENSORS_INDEX, hf_key, load_checkpoint, save_hf
+from finetune.checkpoint import load_checkpoint
+from finetune.checkpoint_files import SAFETENSORS_INDEX
 from finetune.config import ModelConfig
 from finetune.errors import UserError
+from finetune.hf_format import hf_key, save_hf
 from finetune.model import Llama
 from tests.conftest import SMALL_MODEL, TINY_TOKENIZER, write_checkpoint
 

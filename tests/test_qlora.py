@@ -14,24 +14,20 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from finetune.checkpoint import load_checkpoint, load_hf, save_hf
+from finetune.checkpoint import load_checkpoint, load_hf
 from finetune.config import LORA_TARGETS, LoraConfig, ModelConfig, build_params, model_preset
 from finetune.errors import UserError
-from finetune.lora import (
+from finetune.hf_format import save_hf
+from finetune.lora import apply_lora, lora_modules, merge_lora, output_weight
+from finetune.model import Llama
+from finetune.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    NF4_BLOCK_SIZE,
-    NF4_SCALER_BLOCK_SIZE,
-    NF4Linear,
     adapter_state_dict,
-    apply_lora,
     load_adapter,
-    lora_modules,
-    merge_lora,
-    output_weight,
     save_adapter,
 )
-from finetune.model import Llama
+from finetune.qlora import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, NF4Linear
 from finetune.recipes import lora as lora_recipe
 from tests.conftest import (
     SMALL_MODEL,

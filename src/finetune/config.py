@@ -419,7 +419,7 @@ class LoraConfig:
     use_dora: bool = option(False, "DoRA: also learn each output row's magnitude")
     # Adapted or not, every linear of the blocks is quantized, as in QLoRA: they hold most of the
     # weights (96 % of Llama-2-7B's). The embedding and lm_head stay dense, see
-    # `lora.quantize_base_weights`. Works with use_dora. Needs `pip install 'finetune[qlora]'`.
+    # `qlora.quantize_base_weights`. Works with use_dora. Needs `pip install 'finetune[qlora]'`.
     quantize_base: bool = option(
         False, "QLoRA: keep the frozen linear weights of the transformer blocks in 4-bit NF4"
     )

@@ -8,24 +8,23 @@ Two layouts (`dataset.format`):
 
 `dataset.column_map` names the field of each part; a dotted name reads a nested field.
 
-Files: .json (a list of records), .jsonl, .csv (alpaca only; a header line names the columns) and
-.parquet (read by pyarrow, an optional dependency: `pip install 'finetune[parquet]'`).
+Files: .json (a list of records), .jsonl, .csv (alpaca only) and .parquet, read by data_files.py.
+Conversations are read and put in Llama-2's chat format by chat_format.py.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from finetune.chat_format import Message, llama2_chat_turns, read_conversations
 from finetune.config import DatasetConfig
+from finetune.data_files import ABSENT, field_value, read_rows
 from finetune.errors import ConfigError, UserError
 from finetune.tokenizer import Tokenizer
 
@@ -50,145 +49,6 @@ class Batch:
     @property
     def n_targets(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
-
-
-# --------------------------------------------------------------------------------------------
-# Rows of a file: (location for error messages, {field: value})
-# --------------------------------------------------------------------------------------------
-
-Rows = Iterator[tuple[str, dict]]
-
-
-def read_rows(path: Path) -> Rows:
-    """Every row of a .json, .jsonl, .csv or .parquet file, with where it is for error messages.
-
-    The location is `path:LINE` for line-based files (a CSV's header is line 1) and `path[INDEX]`
-    (from 0) for a JSON list or a Parquet table.
-    """
-    readers: dict[str, Callable[[Path], Rows]] = {
-        ".json": _json_list_rows,
-        ".jsonl": _jsonl_rows,
-        ".csv": _csv_rows,
-        ".parquet": _parquet_rows,
-    }
-    if path.suffix not in readers:
-        raise UserError(f"{path}: expected a {', '.join(readers)} file")
-    return readers[path.suffix](path)
-
-
-def _jsonl_rows(path: Path) -> Rows:
-    with path.open(encoding="utf-8") as f:
-        try:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    where = f"{path}:{number}"
-                    yield where, _checked_row(where, _parse_json(where, line))
-        except UnicodeDecodeError as e:  # its position is a byte offset into the file
-            raise UserError(f"{path}: not UTF-8 text ({e})") from None
-
-
-def _json_list_rows(path: Path) -> Rows:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
-    rows = _parse_json(str(path), text)
-    if not isinstance(rows, list):
-        raise UserError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-    for index, row in enumerate(rows):
-        yield f"{path}[{index}]", _checked_row(f"{path}[{index}]", row)
-
-
-def _checked_row(where: str, row: object) -> dict:
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    return row
-
-
-def _parse_json(where: str, text: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: invalid JSON ({e})") from None
-
-
-def _csv_rows(path: Path) -> Rows:
-    """The rows of a CSV file under its header line; each located by the line it starts on."""
-    # utf-8-sig: spreadsheet programs often start a CSV file with a byte-order mark.
-    # newline="": the csv module handles line ends itself, also those inside quoted cells.
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        # strict: a stray quote is an error rather than a silently merged cell.
-        reader = csv.reader(f, strict=True)
-        try:
-            header = next(reader, [])
-            _check_csv_header(path, header)
-            lines_read = reader.line_num
-            for cells in reader:
-                where = f"{path}:{lines_read + 1}"
-                lines_read = reader.line_num
-                if not cells:  # a blank line
-                    continue
-                if len(cells) != len(header):
-                    raise UserError(
-                        f"{where}: {len(cells)} cells, but the header has {len(header)}"
-                    )
-                yield where, dict(zip(header, cells, strict=True))
-        except csv.Error as e:
-            raise UserError(f"{path}:{reader.line_num}: invalid CSV ({e})") from None
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not UTF-8 text ({e})") from None
-
-
-def _check_csv_header(path: Path, header: list[str]) -> None:
-    for name in header:
-        if header.count(name) > 1:
-            raise UserError(f"{path}:1: column {name!r} appears more than once in the header")
-
-
-def _parquet_rows(path: Path) -> Rows:
-    parquet, arrow_error = _import_parquet(path)
-    index = 0
-    try:
-        # Batch by batch, so that a large file is never all in memory as Python objects.
-        for batch in parquet.ParquetFile(path).iter_batches():
-            for row in batch.to_pylist():
-                yield f"{path}[{index}]", row
-                index += 1
-    except (arrow_error, OSError) as e:
-        raise UserError(f"{path}: cannot read it as Parquet ({e})") from None
-
-
-def _import_parquet(path: Path) -> tuple[Any, type[Exception]]:
-    """pyarrow.parquet and pyarrow's error class; imported here, as only Parquet needs them."""
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise UserError(
-            f"{path}: reading Parquet files needs pyarrow: pip install 'finetune[parquet]'"
-        ) from None
-    return pyarrow.parquet, pyarrow.ArrowException
-
-
-# What `field_value` returns for a field that is not there, to tell it from a null value.
-ABSENT = object()
-
-
-def field_value(row: dict, name: str, absent: object = None) -> object:
-    """`row[name]`; or, when there is no such key, the nested field that a dotted `name` names:
-    "data.question" is `row["data"]["question"]`. `absent` when the field is not there.
-
-    The whole name is tried first, so a CSV column (CSV has no nesting) or a JSON key with a dot
-    in it is still found by its name.
-    """
-    if name in row:
-        return row[name]
-    value: object = row
-    for part in name.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return absent
-        value = value[part]
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,143 +123,6 @@ def tokenize_alpaca(
 # --------------------------------------------------------------------------------------------
 # Chat
 # --------------------------------------------------------------------------------------------
-
-# The roles of a conversation, and ShareGPT's names for them.
-ROLES = ("system", "user", "assistant")
-# Exports of ShareGPT-style data use either human/gpt or user/assistant in `from`.
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "gpt": "assistant",
-    "user": "user",
-    "assistant": "assistant",
-}
-# ShareGPT's field for the list of messages, read when a record lacks column_map.messages.
-SHAREGPT_FIELD = "conversations"
-
-# Llama-2's chat markers, as in Meta's reference code (llama/generation.py).
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str  # "system", "user" or "assistant"
-    content: str
-
-
-def read_conversations(path: Path, messages_field: str) -> list[list[Message]]:
-    """The conversations of a .json, .jsonl or .parquet file, each checked for its turn order."""
-    if path.suffix == ".csv":
-        raise UserError(f"{path}: a CSV file holds Alpaca records only, not chat conversations")
-    conversations = [_conversation(where, row, messages_field) for where, row in read_rows(path)]
-    if not conversations:
-        raise UserError(f"{path}: no records")
-    return conversations
-
-
-def _conversation(where: str, row: dict, messages_field: str) -> list[Message]:
-    field = messages_field
-    raw = field_value(row, field, ABSENT)
-    if raw is ABSENT and SHAREGPT_FIELD in row:
-        field = SHAREGPT_FIELD
-        raw = row[field]
-    if raw is None or raw is ABSENT:
-        raise UserError(
-            f"{where}: missing field {messages_field!r} (or ShareGPT's 'conversations')"
-        )
-    if not isinstance(raw, list):
-        raise UserError(
-            f"{where}: field {field!r} must be a list of messages, got {type(raw).__name__}"
-        )
-    if not raw:
-        raise UserError(f"{where}: field {field!r} is an empty conversation")
-    messages = [_message(f"{where}: {field}[{i}]", message) for i, message in enumerate(raw)]
-    _check_turn_order(f"{where}: {field}", messages)
-    return messages
-
-
-def _message(where: str, raw: object) -> Message:
-    """An OpenAI {role, content} or ShareGPT {from, value} message, with the role's name ours."""
-    if not isinstance(raw, dict):
-        raise UserError(
-            f"{where}: expected an object with a role and content, got {type(raw).__name__}"
-        )
-    if "role" in raw:
-        role_key, content_key, roles = "role", "content", {role: role for role in ROLES}
-    elif "from" in raw:
-        role_key, content_key, roles = "from", "value", SHAREGPT_ROLES
-    else:
-        raise UserError(f"{where}: missing field 'role' (or ShareGPT's 'from')")
-    role = raw[role_key]
-    if not isinstance(role, str) or role not in roles:
-        raise UserError(
-            f"{where}: unknown {role_key} {role!r}; expected one of: {', '.join(roles)}"
-        )
-    content = raw.get(content_key)
-    if content is None:
-        raise UserError(f"{where}: missing field {content_key!r}")
-    if not isinstance(content, str):
-        raise UserError(
-            f"{where}: field {content_key!r} must be a string, got {type(content).__name__}"
-        )
-    return Message(roles[role], content)
-
-
-def _check_turn_order(where: str, messages: list[Message]) -> None:
-    """An optional system message, then user and assistant in turn, at least one of each."""
-    first_turn = 1 if messages[0].role == "system" else 0
-    for index in range(first_turn, len(messages)):
-        expected = "user" if (index - first_turn) % 2 == 0 else "assistant"
-        if messages[index].role != expected:
-            raise UserError(
-                f"{where}[{index}]: expected a message from the {expected}, got one from the "
-                f"{messages[index].role}; after an optional system message, the user and the "
-                "assistant must take turns"
-            )
-    if len(messages) - first_turn < 2:
-        raise UserError(f"{where}: no assistant message to train on")
-
-
-# The same format as a Hugging Face chat template, written into the tokenizer_config.json of a
-# model trained on chat data, so that `apply_chat_template` and vLLM's chat endpoint prompt it as it
-# was trained. The space after BOS is SentencePiece's dummy prefix ("▁[INST]"), which transformers
-# does not add after a special token.
-LLAMA2_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set system = '<<SYS>>\n' + messages[0]['content'] | trim + '\n<</SYS>>\n\n' -%}"
-    "{%- set turns = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set system = '' -%}"
-    "{%- set turns = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in turns -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 is even) -%}"
-    "{{ raise_exception('Llama-2 chat alternates user and assistant messages, user first') }}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ bos_token + ' [INST] ' + (system if loop.first else '') + message['content'] | trim"
-    " + ' [/INST]' }}"
-    "{%- else -%}"
-    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-
-def llama2_chat_turns(messages: list[Message]) -> list[tuple[str, str]]:
-    """(prompt, answer) of each user/assistant pair, in Llama-2's chat format.
-
-    Each turn's text is prompt + answer = "[INST] {user} [/INST] {assistant} "; the system prompt
-    goes inside the first user message. Every content is stripped, the system prompt's too. A last
-    user message without an answer is left out: it has nothing to train on.
-    """
-    contents = [m.content.strip() for m in messages]
-    if messages[0].role == "system":
-        contents = [f"{B_SYS}{contents[0]}{E_SYS}{contents[1]}", *contents[2:]]
-    # Not strict: a last user message has no assistant to pair with, and zip drops it.
-    pairs = zip(contents[0::2], contents[1::2], strict=False)
-    return [(f"{B_INST} {user} {E_INST}", f" {assistant} ") for user, assistant in pairs]
 
 
 def tokenize_chat(

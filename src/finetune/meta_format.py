@@ -9,8 +9,8 @@ What differs from finetune's (Hugging Face's) layout, and how each difference is
   attention scores, so converting is an exact reordering of the rows of wq and wk, per head.
 - `params.json` gives the feed-forward width as Meta's formula over `dim`, `multiple_of` and
   `ffn_dim_multiplier`, and may leave the vocabulary to the tokenizer (`vocab_size: -1`).
-Reading params.json lives in architecture.py (without torch), reading the shards lazily with the
-other readers in checkpoint.py.
+Reading params.json lives in architecture.py (without torch), finding the shards in
+checkpoint_files.py, reading them lazily with the other readers in checkpoint.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.architecture import LLAMA2_ROPE_THETA, PARAMS_FILE, meta_ffn_dim, shard_name
+from finetune.architecture import LLAMA2_ROPE_THETA, meta_ffn_dim
+from finetune.checkpoint_files import PARAMS_FILE, shard_name
 from finetune.config import ModelConfig
 from finetune.errors import UserError
 from finetune.model import Llama

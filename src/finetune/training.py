@@ -18,7 +18,8 @@ from typing import TypeVar
 import torch
 from omegaconf import OmegaConf
 
-from finetune.checkpoint import output_dtype, save_hf
+from finetune.chat_format import LLAMA2_CHAT_TEMPLATE
+from finetune.checkpoint import output_dtype
 from finetune.config import (
     RECIPE_PARAMS,
     Device,
@@ -27,16 +28,9 @@ from finetune.config import (
     LoraFinetuneParams,
     OutputFormat,
 )
-from finetune.data import (
-    LLAMA2_CHAT_TEMPLATE,
-    Batch,
-    Example,
-    batches,
-    epoch_order,
-    load_dataset,
-    split_examples,
-)
+from finetune.data import Batch, Example, batches, epoch_order, load_dataset, split_examples
 from finetune.errors import UserError
+from finetune.hf_format import save_hf
 from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.lora import output_weight
 from finetune.loss import chunked_cross_entropy

@@ -15,10 +15,11 @@ import torch
 
 from finetune.checkpoint import load_checkpoint
 from finetune.config import DType, LoraFinetuneParams
-from finetune.lora import apply_lora, load_adapter, merge_lora, save_adapter
+from finetune.lora import apply_lora, merge_lora
 from finetune.metrics import plot_metrics
 from finetune.outputs import atomic_directory
 from finetune.parallel import prepare_model
+from finetune.peft_format import load_adapter, save_adapter
 from finetune.training import explains_out_of_memory, log_model, save_model, start_run, train
 
 log = logging.getLogger(__name__)
