@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from finetune import checkpoint, outputs, state, training
+from finetune import checkpoint, outputs, training, training_state
 from finetune.errors import UserError
 from finetune.lora import apply_lora
 from finetune.model import Llama
@@ -26,7 +26,7 @@ from finetune.outputs import (
     write_error,
 )
 from finetune.recipes import full, lora
-from finetune.state import checkpoint_dirs
+from finetune.training_state import checkpoint_dirs
 from tests.conftest import SMALL_MODEL, run_cli, small_params
 
 TORCH_OOM = (
@@ -210,7 +210,7 @@ def fail_writes_after(monkeypatch: pytest.MonkeyPatch, module: object, name: str
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fail_writes_after(monkeypatch, state.torch, "save", 1)
+    fail_writes_after(monkeypatch, training_state.torch, "save", 1)
     params = small_params(small_checkpoint, tmp_path, "max_steps=6", "save_every_n_steps=2")
     with pytest.raises(UserError) as error:
         full.run(params)

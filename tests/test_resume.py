@@ -17,6 +17,7 @@ from finetune import training
 from finetune.config import FullFinetuneParams
 from finetune.errors import UserError
 from finetune.recipes import full, lora
+from finetune.schedule import lr_multiplier
 from tests.conftest import SAMPLE_DATA, SMALL_MODEL, model_overrides, run_cli, small_params
 
 # 14 examples in micro-batches of 2, two per optimizer step: 4 steps an epoch, the last of one
@@ -438,7 +439,7 @@ def test_a_finished_run_trains_for_longer_on_the_schedule_of_the_new_length(
     assert steps_on_disk(tmp_path) == [f"step_{ended:06d}"]
     finished = rows_of(tmp_path)
 
-    with caplog.at_level("INFO", logger="finetune.training"):
+    with caplog.at_level("INFO", logger="finetune.resume"):
         full.run(
             params_for(
                 "full", small_checkpoint, small_data, tmp_path, *schedule, *longer, "resume=true"
@@ -450,9 +451,7 @@ def test_a_finished_run_trains_for_longer_on_the_schedule_of_the_new_length(
     # From the resumed step on, the lr of a run that was this long from the start: the cosine
     # decay recomputed over the new length (the finished run's own schedule had reached 0).
     lr = 1e-3
-    expected = [
-        lr * training.lr_multiplier(step - 1, 1, total) for step in range(ended + 1, total + 1)
-    ]
+    expected = [lr * lr_multiplier(step - 1, 1, total) for step in range(ended + 1, total + 1)]
     assert [r["lr"] for r in rows[ended:]] == expected
     assert expected[0] > 0
     was = ", ".join(o for o in first if o not in longer)
@@ -465,7 +464,7 @@ def test_a_finished_run_trains_for_longer_on_the_schedule_of_the_new_length(
     assert steps_on_disk(tmp_path)[-1] == f"step_{total:06d}"
     # Resuming the longer run's last checkpoint with its own length changes nothing.
     caplog.clear()
-    with caplog.at_level("INFO", logger="finetune.training"):
+    with caplog.at_level("INFO", logger="finetune.resume"):
         full.run(
             params_for(
                 "full", small_checkpoint, small_data, tmp_path, *schedule, *longer, "resume=true"
@@ -483,7 +482,7 @@ def test_a_run_the_data_cannot_fill_says_so_at_the_start(
     params = small_params(
         small_checkpoint, tmp_path, f"dataset.path={data}", "batch_size=8", "max_steps=5"
     )
-    with caplog.at_level("WARNING", logger="finetune.training"):
+    with caplog.at_level("WARNING", logger="finetune.schedule"):
         full.run(params)
     assert (
         "3 examples, batch_size=8: 1 step per epoch, so epochs=1 ends after 1 step; "
@@ -492,7 +491,7 @@ def test_a_run_the_data_cannot_fill_says_so_at_the_start(
     assert [r["step"] for r in rows_of(tmp_path)] == [1]
 
     caplog.clear()
-    with caplog.at_level("WARNING", logger="finetune.training"):
+    with caplog.at_level("WARNING", logger="finetune.schedule"):
         full.run(
             small_params(small_checkpoint, tmp_path / "one", f"dataset.path={data}", "max_steps=1")
         )

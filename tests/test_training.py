@@ -15,14 +15,8 @@ from finetune.config import DatasetConfig, DType, FullFinetuneParams
 from finetune.data import IGNORE_INDEX, Batch, Example, collate
 from finetune.loss import LOGITS_PER_CHUNK, chunked_cross_entropy
 from finetune.model import Llama
-from finetune.training import (
-    build_optimizer,
-    lr_multiplier,
-    optimizer_steps,
-    steps_per_epoch,
-    total_steps,
-    train_step,
-)
+from finetune.schedule import lr_multiplier, steps_per_epoch, total_steps
+from finetune.training import build_optimizer, optimizer_steps, train_step
 from tests.conftest import SMALL_MODEL, write_jsonl
 
 CPU = torch.device("cpu")

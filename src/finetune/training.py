@@ -1,174 +1,48 @@
-"""The pieces every recipe shares: device and precision, loss, optimizer, schedule, the loop."""
+"""The loop every recipe shares, and its parts: precision, optimizer, one step, evaluation."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import random
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import partial, wraps
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from omegaconf import OmegaConf
 
-from finetune.checkpoint import output_dtype, save_hf
-from finetune.config import (
-    RECIPE_PARAMS,
-    Device,
-    DType,
-    FullFinetuneParams,
-    LoraFinetuneParams,
-    OutputFormat,
-)
-from finetune.data import (
-    LLAMA2_CHAT_TEMPLATE,
-    Batch,
-    Example,
-    batches,
-    epoch_order,
-    load_dataset,
-    split_examples,
-)
+from finetune.config import RECIPE_PARAMS, DType, FullFinetuneParams
+from finetune.data import Batch, Example, batches, epoch_order
 from finetune.errors import UserError
 from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.lora import output_weight
 from finetune.loss import chunked_cross_entropy
-from finetune.meta_format import save_meta
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
-from finetune.model import Llama, count_parameters
-from finetune.outputs import (
-    atomic_directory,
-    check_free_space,
-    check_no_finished_run,
-    check_writable,
-)
-from finetune.state import (
+from finetune.model import Llama
+from finetune.outputs import check_free_space
+from finetune.resume import resume, resume_settings
+from finetune.runs import split_validation
+from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
+from finetune.sweep import job_prefix
+from finetune.training_state import (
     TrainingState,
+    advance,
     capture_rng,
     check_no_later_checkpoints,
-    check_resume_before_loading,
     checkpoint_dirs,
-    find_checkpoint,
     is_resuming,
     latest_checkpoint_note,
-    load_checkpoint_state,
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
+    should_stop_early,
     step_dir,
 )
-from finetune.sweep import job_prefix
-from finetune.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-P = TypeVar("P", bound=FullFinetuneParams)
-
-
-def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
-    """What every recipe does first: seed, pick the device, tokenize the data."""
-    check_writable(Path(params.output_dir))
-    if not is_resuming(params.resume):  # a resumed run is meant to replace its model
-        check_no_finished_run(Path(params.output_dir))
-    check_resume_before_loading(params.resume, Path(params.output_dir))
-    seed_everything(params.seed)
-    device = resolve_device(params.device)
-    tokenizer = Tokenizer(Path(params.tokenizer))
-    if not params.model.vocab_size:  # Meta's params.json leaves it to the tokenizer
-        params.model = dataclasses.replace(params.model, vocab_size=tokenizer.vocab_size)
-    tokenizer.check_vocab(params.model.vocab_size)
-    examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
-    return device, tokenizer, examples
-
-
-def log_model(model: Llama, params: FullFinetuneParams, n_examples: int) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(
-        "%s: %.1fM parameters (%.2fM trainable) on %s, %s; %d examples from %s",
-        params.checkpoint,
-        count_parameters(model) / 1e6,
-        trainable / 1e6,
-        next(model.parameters()).device,
-        params.dtype.value,
-        n_examples,
-        params.dataset.path,
-    )
-
-
-def save_model(
-    model: Llama, params: FullFinetuneParams, tokenizer: Tokenizer, out_dir: Path
-) -> None:
-    """The model in Hugging Face format (and Meta's with output_format=meta), in output_dtype."""
-    dtype = output_dtype(params.output_dtype, Path(params.checkpoint))
-    # Atomic, so a rerun in the same directory that fails (disk full) keeps the earlier model.
-    with atomic_directory(out_dir) as tmp:
-        save_hf(
-            model,
-            tmp,
-            tokenizer=tokenizer.path,
-            bos_id=tokenizer.bos_id,
-            eos_id=tokenizer.eos_id,
-            dtype=dtype,
-            max_shard_bytes=params.max_shard_size_mb * 1_000_000,
-            chat_template=LLAMA2_CHAT_TEMPLATE if params.dataset.format == "chat" else "",
-        )
-    log.info("model saved to %s (%s)", out_dir, str(dtype).removeprefix("torch."))
-    if params.output_format is OutputFormat.meta:
-        meta_dir = out_dir.with_name(out_dir.name + "_meta")
-        with atomic_directory(meta_dir) as tmp:
-            save_meta(model, tmp, tokenizer.path, dtype)
-        log.info("Meta format copy saved to %s", meta_dir)
-
-
-def explains_out_of_memory(run: Callable[[P], float]) -> Callable[[P], float]:
-    """Turn a recipe's GPU out-of-memory error into one line naming the settings that lower
-    memory. Checkpoints already saved stay as they are."""
-
-    @wraps(run)
-    def recipe(params: P) -> float:
-        try:
-            return run(params)
-        except torch.OutOfMemoryError as error:
-            raise UserError(out_of_memory_message(params, str(error))) from None
-
-    return recipe
-
-
-def out_of_memory_message(params: FullFinetuneParams, error: str) -> str:
-    tried = re.search(r"Tried to allocate [\d.]+ \w+", error)
-    what = f"out of GPU memory ({tried.group(0)})" if tried else "out of GPU memory"
-    tips = []
-    batch, accumulation = params.batch_size, params.gradient_accumulation_steps
-    if batch > 1:
-        smaller = batch // 2 if batch % 2 == 0 else 1
-        tips.append(
-            f"batch_size={smaller} with gradient_accumulation_steps="
-            f"{accumulation * batch // smaller} (the same effective batch)"
-        )
-    if not params.activation_checkpointing:
-        tips.append("activation_checkpointing=true")
-    if params.dtype is not DType.bf16:
-        tips.append("dtype=bf16")
-    if not isinstance(params, LoraFinetuneParams):
-        tips.append("recipe=lora")
-    elif not params.lora.quantize_base:
-        tips.append("lora.quantize_base=true")
-    tips.append(f"a max_seq_len below {params.max_seq_len}")
-    return f"{what}; settings that lower memory: {', '.join(tips)}"
-
-
-def resolve_device(device: Device) -> torch.device:
-    if device is Device.cuda and not torch.cuda.is_available():
-        raise UserError("device: cuda was requested but no CUDA device is available")
-    if device is Device.cpu or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
 
 
 def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
@@ -182,11 +56,6 @@ def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
     return nullcontext()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices, not on norm weights."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -197,44 +66,6 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
     # The fused kernel is one pass over the parameters; on the CPU it is ~8x faster than the
     # default multi-tensor AdamW.
     return torch.optim.AdamW(groups, lr=lr, fused=True)
-
-
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to the peak, then cosine decay towards 0; `step` counts from 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def steps_per_epoch(n_examples: int, batch_size: int, accumulation_steps: int) -> int:
-    return math.ceil(math.ceil(n_examples / batch_size) / accumulation_steps)
-
-
-def warn_if_data_runs_out(params: FullFinetuneParams, n_examples: int) -> None:
-    """Say at the start when `epochs` passes over the data end before `max_steps`."""
-    per_epoch = steps_per_epoch(n_examples, params.batch_size, params.gradient_accumulation_steps)
-    if params.max_steps <= params.epochs * per_epoch:
-        return
-    batches = f"batch_size={params.batch_size}"
-    if params.gradient_accumulation_steps > 1:
-        batches += f", gradient_accumulation_steps={params.gradient_accumulation_steps}"
-    log.warning(
-        f"{n_examples} examples, {batches}: {count(per_epoch, 'step')} per epoch, so "
-        f"epochs={params.epochs} ends after {count(params.epochs * per_epoch, 'step')}; "
-        f"max_steps={params.max_steps} needs epochs={math.ceil(params.max_steps / per_epoch)}"
-    )
-
-
-def count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def total_steps(params: FullFinetuneParams, n_examples: int) -> int:
-    steps = params.epochs * steps_per_epoch(
-        n_examples, params.batch_size, params.gradient_accumulation_steps
-    )
-    return min(steps, params.max_steps) if params.max_steps else steps
 
 
 def optimizer_steps(
@@ -302,31 +133,6 @@ def train_step(
     return StepResult(loss, norm, n_tokens, finite)
 
 
-def split_validation(
-    examples: list[Example], params: FullFinetuneParams
-) -> tuple[list[Example], list[Example]]:
-    """(training, validation) examples: `dataset.val_split` of `examples`, or `dataset.val_path`.
-
-    Empty validation when neither is set. The validation file is tokenized like the training one.
-    """
-    cfg = params.dataset
-    if cfg.val_split:
-        train_examples, val_examples = split_examples(examples, cfg.val_split, params.seed)
-    elif cfg.val_path:
-        tokenizer = Tokenizer(Path(params.tokenizer))
-        train_examples = examples
-        val_examples = load_dataset(cfg, tokenizer, params.max_seq_len, path=cfg.val_path)
-    else:
-        return examples, []
-    log.info(
-        "training on %d examples, validating on %d (%s)",
-        len(train_examples),
-        len(val_examples),
-        cfg.val_path or f"val_split={cfg.val_split}",
-    )
-    return train_examples, val_examples
-
-
 def evaluate(
     model: Llama, examples: list[Example], params: FullFinetuneParams, pad_id: int
 ) -> float:
@@ -356,22 +162,6 @@ def evaluate(
     if n_targets == 0:
         raise UserError("the validation data has no labelled tokens to compute a loss on")
     return float(loss_sum) / n_targets
-
-
-def should_stop_early(state: TrainingState, val_loss: float, patience: int) -> bool:
-    """Record a validation pass after `state.step`; True once `patience` passes in a row have not
-    improved on the best val_loss (patience 0 never stops). The counters live in the checkpointed
-    state, so a resumed run stops where an uninterrupted one would."""
-    state.val_loss = val_loss
-    if val_loss < state.best_val_loss:
-        state.best_val_loss, state.best_step, state.evals_without_improvement = (
-            val_loss,
-            state.step,
-            0,
-        )
-    else:
-        state.evals_without_improvement += 1
-    return 0 < patience <= state.evals_without_improvement
 
 
 def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad_id: int) -> float:
@@ -501,96 +291,3 @@ def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFin
 
 def recipe_name(params: FullFinetuneParams) -> str:
     return next(name for name, cls in RECIPE_PARAMS.items() if type(params) is cls)
-
-
-def advance(
-    state: TrainingState,
-    epoch: int,
-    micro_batches: list[Batch],
-    n_tokens: int,
-    batches_per_epoch: int,
-) -> bool:
-    """Record one finished optimizer step in `state`; True when it ended an epoch."""
-    state.step += 1
-    state.tokens_seen += n_tokens
-    state.epoch = epoch
-    state.batch_index += len(micro_batches)
-    if state.batch_index >= batches_per_epoch:
-        state.epoch, state.batch_index = epoch + 1, 0
-    return state.batch_index == 0
-
-
-# What a resumed run cannot change: the data order and batches (batch_size, ..., max_seq_len),
-# and what the restored optimizer holds (lr, weight_decay) or the schedule's start (warmup).
-RESUME_SETTINGS = (
-    "batch_size",
-    "gradient_accumulation_steps",
-    "seed",
-    "shuffle",
-    "max_seq_len",
-    "lr",
-    "weight_decay",
-    "warmup_steps",
-)
-# What it can: the run's length, to train a finished run for longer (or end an unfinished one
-# sooner). The cosine decay is then recomputed over the new length.
-LENGTH_SETTINGS = ("epochs", "max_steps")
-
-
-def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool]:
-    return {key: getattr(params, key) for key in RESUME_SETTINGS + LENGTH_SETTINGS}
-
-
-def resume(
-    params: FullFinetuneParams,
-    recipe: str,
-    model: Llama,
-    optimizer: torch.optim.Optimizer,
-    n_examples: int,
-    steps: int,
-) -> TrainingState:
-    """Load the checkpoint `params.resume` names into `model` and `optimizer`; the training set
-    and the settings in RESUME_SETTINGS must be the ones it was saved with."""
-    directory = find_checkpoint(params.resume, Path(params.output_dir))
-    state = load_checkpoint_state(directory, recipe, model, optimizer)
-    if state.n_examples != n_examples:
-        raise UserError(
-            f"{directory}: saved from a run of {state.n_examples} training examples, "
-            f"this one has {n_examples}; resume needs the same data and val_split"
-        )
-    ours = resume_settings(params)
-    changed = [key for key in RESUME_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
-    if changed:
-        saved = ", ".join(f"{key}={state.settings[key]}" for key in changed)
-        now = ", ".join(f"{key}={ours[key]}" for key in changed)
-        raise UserError(
-            f"{directory}: saved with {saved}, but this run has {now}; resume with the "
-            "settings of the run it continues"
-        )
-    lengthened = [key for key in LENGTH_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
-    if lengthened and steps < state.step:
-        now = ", ".join(f"{key}={ours[key]}" for key in lengthened)
-        raise UserError(
-            f"{directory}: saved at step {state.step}, after the {count(steps, 'step')} of this "
-            f"run ({now}); resume with a larger max_steps or epochs"
-        )
-    print(f"resuming from {directory} at step {state.step}", flush=True)
-    if lengthened:
-        log.info(length_change(state, params, lengthened, steps))
-    # Later checkpoints record this run's length, so that resuming one changes nothing again.
-    state.settings = ours
-    return state
-
-
-def length_change(
-    state: TrainingState, params: FullFinetuneParams, changed: list[str], steps: int
-) -> str:
-    """The log line of a resume that changes the run's length: what changed and the new lr."""
-    was = ", ".join(f"{key}={state.settings[key]}" for key in changed)
-    now = ", ".join(f"{key}={getattr(params, key)}" for key in changed)
-    lr = params.lr * lr_multiplier(state.step, params.warmup_steps, steps)
-    return (
-        f"{now} (the checkpoint's run had {was}): training runs to step {steps}; the learning "
-        f"rate follows the cosine schedule of a {steps}-step run, lr {lr:.3e} at step "
-        f"{state.step + 1}"
-    )

@@ -10,7 +10,8 @@ from finetune.checkpoint import load_checkpoint
 from finetune.config import FullFinetuneParams
 from finetune.metrics import plot_metrics
 from finetune.parallel import prepare_model
-from finetune.training import explains_out_of_memory, log_model, save_model, start_run, train
+from finetune.runs import explains_out_of_memory, log_model, save_model, start_run
+from finetune.training import train
 
 
 @explains_out_of_memory

@@ -19,7 +19,8 @@ from finetune.lora import apply_lora, load_adapter, merge_lora, save_adapter
 from finetune.metrics import plot_metrics
 from finetune.outputs import atomic_directory
 from finetune.parallel import prepare_model
-from finetune.training import explains_out_of_memory, log_model, save_model, start_run, train
+from finetune.runs import explains_out_of_memory, log_model, save_model, start_run
+from finetune.training import train
 
 log = logging.getLogger(__name__)
 
