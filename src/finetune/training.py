@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from finetune.config import RECIPE_PARAMS, DType, FullFinetuneParams
+from finetune.config import DType, FullFinetuneParams, recipe_of
 from finetune.data import Batch, Example, batches, epoch_order
 from finetune.errors import UserError
 from finetune.interrupts import StopRequest, stopped_by_signal
@@ -177,7 +177,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     warn_if_data_runs_out(params, len(examples))
     optimizer = build_optimizer(model, params.lr, params.weight_decay)
     output_dir = Path(params.output_dir)
-    recipe = recipe_name(params)
+    recipe = recipe_of(params).name
     if params.warmup_steps >= steps:
         log.warning(
             "warmup_steps=%d is not below the run's %d steps: the learning rate never reaches "
@@ -287,7 +287,3 @@ def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFin
             "check the data, or set skip_nonfinite_steps=N"
         )
     return f"{what} is not finite; skipped the update ({skipped}/{allowed} allowed)"
-
-
-def recipe_name(params: FullFinetuneParams) -> str:
-    return next(name for name, cls in RECIPE_PARAMS.items() if type(params) is cls)
