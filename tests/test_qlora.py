@@ -28,7 +28,6 @@ from finetune.lora import (
     load_adapter,
     lora_modules,
     merge_lora,
-    output_weight,
     save_adapter,
 )
 from finetune.model import Llama
@@ -127,7 +126,7 @@ def test_every_block_linear_is_quantized_but_embedding_and_lm_head_stay_dense() 
     assert type(model.lm_head.base.weight.data) is torch.Tensor
     assert type(model.embed_tokens.weight.data) is torch.Tensor
     # The chunked loss gets lm_head's dense effective weight, not something to dequantize.
-    assert type(output_weight(model)) is torch.Tensor
+    assert type(model.output_weight()) is torch.Tensor
 
 
 @needs_torchao

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune import model as llama
 from finetune import training
 from finetune.config import FullFinetuneParams
 from finetune.errors import UserError
@@ -196,7 +197,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(
 
 def poison_loss_of_step_2(monkeypatch: pytest.MonkeyPatch) -> None:
     """NaN in the loss of step 2's first micro-batch (the 3rd loss call: two a step)."""
-    real_loss = training.chunked_cross_entropy
+    real_loss = llama.chunked_cross_entropy
     calls = []
 
     def loss(*args: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,7 @@ def poison_loss_of_step_2(monkeypatch: pytest.MonkeyPatch) -> None:
         value = real_loss(*args)
         return value * float("nan") if len(calls) == 3 else value
 
-    monkeypatch.setattr(training, "chunked_cross_entropy", loss)
+    monkeypatch.setattr(llama, "chunked_cross_entropy", loss)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(

@@ -247,8 +247,8 @@ def quantize_base_weights(model: Llama) -> None:
 
     The embedding and lm_head stay dense, as in QLoRA (and transformers' bitsandbytes loading):
     they are a few percent of a Llama's weights, quantization hurts the output layer most, and the
-    chunked loss multiplies by lm_head's weight directly (`output_weight`), which would otherwise
-    need dequantizing whole for every micro-batch.
+    chunked loss multiplies by lm_head's weight directly (`Llama.output_weight`), which would
+    otherwise need dequantizing whole for every micro-batch.
     """
     to_nf4 = _import_to_nf4()
     # Names, not modules: a list of the modules would keep every dense weight alive to the end.
@@ -303,24 +303,6 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear of `model` by its module name (ours, e.g. `layers.0.self_attn.q_proj`)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def output_weight(model: Llama) -> torch.Tensor:
-    """The output layer's weight for `loss.chunked_cross_entropy`.
-
-    The chunked loss multiplies the hidden states by the output weight itself instead of calling
-    `model.lm_head`, so a LoRA on `lm_head` would be bypassed (and never trained) if the loss read
-    the base weight. This returns the effective weight W + s·B A (DoRA: rescaled per row),
-    built differentiably each call, so the loss is that of the adapted model and its weight
-    gradient flows on to A, B and m. Costs one (vocab, dim) tensor per call.
-
-    The one difference from `model(tokens)`: this path cannot apply LoRA dropout to the hidden
-    states (dropout is per token, a weight is shared by all), so lm_head's adapter trains without
-    dropout. With `lora.dropout=0` the two are identical.
-    """
-    if isinstance(model.lm_head, LoRALinear):
-        return model.lm_head.effective_weight()
-    return model.lm_head.weight
 
 
 @torch.no_grad()

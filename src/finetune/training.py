@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from omegaconf import OmegaConf
@@ -18,11 +20,10 @@ from finetune.config import DType, FullFinetuneParams, recipe_of
 from finetune.data import Batch, Example, batches, epoch_order
 from finetune.errors import UserError
 from finetune.interrupts import StopRequest, stopped_by_signal
-from finetune.lora import output_weight
-from finetune.loss import chunked_cross_entropy
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
 from finetune.model import Llama
 from finetune.outputs import check_free_space
+from finetune.ranks import sum_over_ranks
 from finetune.resume import resume, resume_settings
 from finetune.runs import split_validation
 from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
@@ -43,6 +44,7 @@ from finetune.training_state import (
 )
 
 log = logging.getLogger(__name__)
+B = TypeVar("B")
 
 
 def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
@@ -102,22 +104,40 @@ class StepResult:
     finite: bool = True  # False: NaN/inf loss or gradient, and the weights were not updated
 
 
+# A recipe's loss of one micro-batch, summed over its `n_targets` labelled tokens: the loop divides
+# by their total over the optimizer step, so every token weighs the same however it is batched.
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+def next_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of each labelled token given the tokens before it, summed."""
+    return model(batch.inputs, batch.targets)
+
+
+def on_device(batch: B, device: torch.device) -> B:
+    """`batch` with each of its tensors on `device` (a recipe's own batches may hold others)."""
+    moved = {
+        f.name: value.to(device, non_blocking=True)
+        for f in dataclasses.fields(batch)
+        if isinstance(value := getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, **moved)
+
+
 def train_step(
     model: Llama,
     micro_batches: list[Batch],
     optimizer: torch.optim.Optimizer,
     params: FullFinetuneParams,
     device: torch.device,
+    loss_fn: LossFn = next_token_loss,
 ) -> StepResult:
     """One optimizer step over `micro_batches`, the loss averaged over all their labelled tokens."""
-    n_targets = max(1, sum(b.n_targets for b in micro_batches))
+    n_targets = max(1, sum_over_ranks(sum(b.n_targets for b in micro_batches)))
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches:
-        inputs = batch.inputs.to(device, non_blocking=True)
-        targets = batch.targets.to(device, non_blocking=True)
         with autocast(device, params.dtype):
-            hidden = model.hidden_states(inputs)
-            loss = chunked_cross_entropy(hidden, output_weight(model), targets)
+            loss = loss_fn(model, on_device(batch, device))
         (loss / n_targets).backward()
         loss_sum += loss.detach()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -129,12 +149,16 @@ def train_step(
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n_tokens = sum(b.n_tokens for b in micro_batches)
+    n_tokens = sum_over_ranks(sum(b.n_tokens for b in micro_batches))
     return StepResult(loss, norm, n_tokens, finite)
 
 
 def evaluate(
-    model: Llama, examples: list[Example], params: FullFinetuneParams, pad_id: int
+    model: Llama,
+    examples: list[Example],
+    params: FullFinetuneParams,
+    pad_id: int,
+    loss_fn: LossFn = next_token_loss,
 ) -> float:
     """Mean loss over every labelled token of `examples`, weights and training RNG untouched.
 
@@ -149,14 +173,9 @@ def evaluate(
     n_targets = 0
     order = list(range(len(examples)))
     with torch.no_grad():
-        # Detached: the loss computes its gradients in the forward pass for every input that
-        # requires them, which no_grad alone does not switch off.
-        weight = output_weight(model).detach()
         for batch in batches(examples, params.batch_size, pad_id, order, params.pad_to_multiple_of):
             with autocast(device, params.dtype):
-                hidden = model.hidden_states(batch.inputs.to(device, non_blocking=True))
-                targets = batch.targets.to(device, non_blocking=True)
-                loss_sum += chunked_cross_entropy(hidden, weight, targets)
+                loss_sum += loss_fn(model, on_device(batch, device))
             n_targets += batch.n_targets
     model.train(was_training)
     if n_targets == 0:
