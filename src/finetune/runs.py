@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 
 from finetune.checkpoint import output_dtype, save_hf
-from finetune.config import Device, DType, FullFinetuneParams, LoraFinetuneParams, OutputFormat
+from finetune.config import Device, DType, FullFinetuneParams, OutputFormat
 from finetune.data import LLAMA2_CHAT_TEMPLATE, Example, load_dataset, split_examples
 from finetune.errors import UserError
 from finetune.meta_format import save_meta
@@ -84,21 +84,28 @@ def save_model(
         log.info("Meta format copy saved to %s", meta_dir)
 
 
-def explains_out_of_memory(run: Callable[[P], float]) -> Callable[[P], float]:
+def explains_out_of_memory(
+    recipe_tips: Callable[[P], list[str]],
+) -> Callable[[Callable[[P], float]], Callable[[P], float]]:
     """Turn a recipe's GPU out-of-memory error into one line naming the settings that lower
-    memory. Checkpoints already saved stay as they are."""
+    memory: those of every run, and the recipe's own (`recipe_tips(params)`). Checkpoints
+    already saved stay as they are."""
 
-    @wraps(run)
-    def recipe(params: P) -> float:
-        try:
-            return run(params)
-        except torch.OutOfMemoryError as error:
-            raise UserError(out_of_memory_message(params, str(error))) from None
+    def decorate(run: Callable[[P], float]) -> Callable[[P], float]:
+        @wraps(run)
+        def recipe(params: P) -> float:
+            try:
+                return run(params)
+            except torch.OutOfMemoryError as error:
+                message = out_of_memory_message(params, str(error), recipe_tips(params))
+                raise UserError(message) from None
 
-    return recipe
+        return recipe
+
+    return decorate
 
 
-def out_of_memory_message(params: FullFinetuneParams, error: str) -> str:
+def out_of_memory_message(params: FullFinetuneParams, error: str, recipe_tips: list[str]) -> str:
     tried = re.search(r"Tried to allocate [\d.]+ \w+", error)
     what = f"out of GPU memory ({tried.group(0)})" if tried else "out of GPU memory"
     tips = []
@@ -113,10 +120,7 @@ def out_of_memory_message(params: FullFinetuneParams, error: str) -> str:
         tips.append("activation_checkpointing=true")
     if params.dtype is not DType.bf16:
         tips.append("dtype=bf16")
-    if not isinstance(params, LoraFinetuneParams):
-        tips.append("recipe=lora")
-    elif not params.lora.quantize_base:
-        tips.append("lora.quantize_base=true")
+    tips += recipe_tips
     tips.append(f"a max_seq_len below {params.max_seq_len}")
     return f"{what}; settings that lower memory: {', '.join(tips)}"
 

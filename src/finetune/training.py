@@ -23,7 +23,7 @@ from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
 from finetune.model import Llama
 from finetune.outputs import check_free_space
-from finetune.ranks import sum_over_ranks
+from finetune.ranks import any_rank, sum_over_ranks, this_rank, writes_files
 from finetune.resume import resume, resume_settings
 from finetune.runs import split_validation
 from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
@@ -77,13 +77,14 @@ def optimizer_steps(
     start_epoch: int = 0,
     start_batch: int = 0,
 ) -> Iterator[tuple[int, list[Batch]]]:
-    """(epoch, the micro-batches of one optimizer step), over every epoch.
+    """(epoch, the micro-batches of one optimizer step), over every epoch: the loop's one source
+    of data, this process's share of each epoch (`ranks.this_rank`).
 
     Starts at micro-batch `start_batch` of `start_epoch` (a resumed run): the order is rebuilt
     from (seed, epoch) and the consumed part sliced off, so nothing skipped is collated.
     """
     for epoch in range(start_epoch, params.epochs):
-        order = epoch_order(len(examples), params.shuffle, params.seed, epoch)
+        order = this_rank(epoch_order(len(examples), params.shuffle, params.seed, epoch))
         if epoch == start_epoch:
             order = order[start_batch * params.batch_size :]
         group: list[Batch] = []
@@ -183,8 +184,17 @@ def evaluate(
     return float(loss_sum) / n_targets
 
 
-def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad_id: int) -> float:
-    """Run the training loop on `examples`, less any held-out validation part.
+def train(
+    model: Llama,
+    examples: list[Example],
+    params: FullFinetuneParams,
+    pad_id: int,
+    saved_bytes: int,
+    loss_fn: LossFn = next_token_loss,
+) -> float:
+    """Run the training loop on `examples`, less any held-out validation part, with the
+    recipe's `loss_fn`; `saved_bytes`, the size of what the recipe saves when the loop ends, is
+    part of the disk space the run is checked to have before it starts.
 
     Returns the last validation loss when there is validation data (the number worth comparing
     between runs, e.g. in a sweep), else the mean training loss over the last 10 % of the steps
@@ -213,7 +223,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     schedule = partial(lr_multiplier, warmup_steps=params.warmup_steps, total_steps=steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=state.step - 1)
     check_no_later_checkpoints(output_dir, state.step)
-    check_free_space(model, params, steps, len(checkpoint_dirs(output_dir)))
+    check_free_space(model, params, steps, len(checkpoint_dirs(output_dir)), saved_bytes)
     metrics_path = output_dir / "metrics.jsonl"
     # A resumed run continues the rows of the run it resumes, less those of the steps it redoes;
     # a new run in an old run's directory starts the file afresh.
@@ -225,7 +235,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
         every = params.save_every_n_steps
         # The last step is saved too, so that a finished run can be continued for longer.
         due = state.step % every == 0 or epoch_ended or state.step == steps if every else False
-        if not (stopping_now or due):
+        if not (stopping_now or due) or not writes_files():
             return None
         directory = step_dir(output_dir, state.step)
         state.rng = capture_rng()
@@ -239,13 +249,14 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
 
     def validate(step: int, epoch: int) -> float:
         started = time.perf_counter()
-        val_loss = evaluate(model, val_examples, params, pad_id)
+        val_loss = evaluate(model, val_examples, params, pad_id, loss_fn)
         metrics.write_eval(step, epoch, val_loss, time.perf_counter() - started)
         return val_loss
 
     # Written only now that every input has been read and checked: a run that fails on bad input
     # leaves an earlier run's params.yaml in the same directory as it was.
-    (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
+    if writes_files():
+        (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
     model.train()
     metrics.start(elapsed_before=state.elapsed_s)
     if state.rng:
@@ -260,7 +271,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
                 break
             step = state.step + 1
             lr = scheduler.get_last_lr()[0]
-            result = train_step(model, micro_batches, optimizer, params, device)
+            result = train_step(model, micro_batches, optimizer, params, device, loss_fn)
             scheduler.step()
             loss = result.loss
             tokens_since_log += result.n_tokens
@@ -274,7 +285,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             every = params.eval_every_n_steps
             if val_examples and (step == steps or (every and step % every == 0)):
                 val_loss = validate(step, epoch)
-                if should_stop_early(state, val_loss, params.early_stopping_patience):
+                if any_rank(should_stop_early(state, val_loss, params.early_stopping_patience)):
                     if tokens_since_log:  # the last step's row, which log_every_n_steps skipped
                         metrics.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
                     metrics.say(
@@ -284,7 +295,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
                     )
                     break
             # A signal during the last step lets the run finish: its end is as near as a checkpoint.
-            stopping_now = stop.signum is not None and step < steps
+            stopping_now = any_rank(stop.signum is not None) and step < steps
             saved = save(epoch_ended, stopping_now)
             if stopping_now:
                 metrics.close()
