@@ -16,6 +16,7 @@ from typing import TypeVar
 import torch
 from omegaconf import OmegaConf
 
+from finetune import ranks
 from finetune.config import DType, FullFinetuneParams, recipe_of
 from finetune.data import Batch, Example, batches, epoch_order
 from finetune.errors import UserError
@@ -23,7 +24,6 @@ from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
 from finetune.model import Llama
 from finetune.outputs import check_free_space
-from finetune.ranks import any_rank, sum_over_ranks, this_rank, writes_files
 from finetune.resume import resume, resume_settings
 from finetune.runs import split_validation
 from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
@@ -84,7 +84,7 @@ def optimizer_steps(
     from (seed, epoch) and the consumed part sliced off, so nothing skipped is collated.
     """
     for epoch in range(start_epoch, params.epochs):
-        order = this_rank(epoch_order(len(examples), params.shuffle, params.seed, epoch))
+        order = ranks.this_rank(epoch_order(len(examples), params.shuffle, params.seed, epoch))
         if epoch == start_epoch:
             order = order[start_batch * params.batch_size :]
         group: list[Batch] = []
@@ -134,7 +134,7 @@ def train_step(
     loss_fn: LossFn = next_token_loss,
 ) -> StepResult:
     """One optimizer step over `micro_batches`, the loss averaged over all their labelled tokens."""
-    n_targets = max(1, sum_over_ranks(sum(b.n_targets for b in micro_batches)))
+    n_targets = max(1, ranks.sum_over_ranks(sum(b.n_targets for b in micro_batches)))
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches:
         with autocast(device, params.dtype):
@@ -150,7 +150,7 @@ def train_step(
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n_tokens = sum_over_ranks(sum(b.n_tokens for b in micro_batches))
+    n_tokens = ranks.sum_over_ranks(sum(b.n_tokens for b in micro_batches))
     return StepResult(loss, norm, n_tokens, finite)
 
 
@@ -235,7 +235,7 @@ def train(
         every = params.save_every_n_steps
         # The last step is saved too, so that a finished run can be continued for longer.
         due = state.step % every == 0 or epoch_ended or state.step == steps if every else False
-        if not (stopping_now or due) or not writes_files():
+        if not (stopping_now or due) or not ranks.writes_files():
             return None
         directory = step_dir(output_dir, state.step)
         state.rng = capture_rng()
@@ -255,7 +255,7 @@ def train(
 
     # Written only now that every input has been read and checked: a run that fails on bad input
     # leaves an earlier run's params.yaml in the same directory as it was.
-    if writes_files():
+    if ranks.writes_files():
         (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
     model.train()
     metrics.start(elapsed_before=state.elapsed_s)
@@ -285,7 +285,8 @@ def train(
             every = params.eval_every_n_steps
             if val_examples and (step == steps or (every and step % every == 0)):
                 val_loss = validate(step, epoch)
-                if any_rank(should_stop_early(state, val_loss, params.early_stopping_patience)):
+                no_progress = should_stop_early(state, val_loss, params.early_stopping_patience)
+                if ranks.any_rank(no_progress):
                     if tokens_since_log:  # the last step's row, which log_every_n_steps skipped
                         metrics.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
                     metrics.say(
@@ -295,7 +296,7 @@ def train(
                     )
                     break
             # A signal during the last step lets the run finish: its end is as near as a checkpoint.
-            stopping_now = any_rank(stop.signum is not None) and step < steps
+            stopping_now = ranks.any_rank(stop.signum is not None) and step < steps
             saved = save(epoch_ended, stopping_now)
             if stopping_now:
                 metrics.close()

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
+from finetune import ranks
 from finetune.checkpoint import load_checkpoint
 from finetune.config import FullFinetuneParams
 from finetune.metrics import plot_metrics
 from finetune.model import Llama
 from finetune.outputs import model_bytes
 from finetune.parallel import prepare_model
-from finetune.ranks import writes_files
 from finetune.runs import explains_out_of_memory, log_model, save_model, start_run
 from finetune.training import train
 
@@ -34,7 +34,7 @@ def run(params: FullFinetuneParams) -> float:
 
     final_loss = train(model, examples, params, tokenizer.pad_id, saved_bytes(model, params))
 
-    if writes_files():
+    if ranks.writes_files():
         out_dir = Path(params.output_dir)
         save_model(model, params, tokenizer, out_dir / "model")
         plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")

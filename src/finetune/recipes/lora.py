@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import ranks
 from finetune.checkpoint import load_checkpoint
 from finetune.config import DType, LoraFinetuneParams
 from finetune.lora import apply_lora, load_adapter, merge_lora, save_adapter
@@ -20,7 +21,6 @@ from finetune.metrics import plot_metrics
 from finetune.model import Llama
 from finetune.outputs import atomic_directory, model_bytes
 from finetune.parallel import prepare_model
-from finetune.ranks import writes_files
 from finetune.runs import explains_out_of_memory, log_model, save_model, start_run
 from finetune.training import train
 
@@ -49,7 +49,7 @@ def run(params: LoraFinetuneParams) -> float:
 
     final_loss = train(model, examples, params, tokenizer.pad_id, saved_bytes(model, params))
 
-    if writes_files():
+    if ranks.writes_files():
         out_dir = Path(params.output_dir)
         with atomic_directory(out_dir / "adapter") as tmp:
             save_adapter(model, tmp, params.checkpoint, params.lora)
