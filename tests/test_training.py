@@ -479,3 +479,21 @@ def test_the_loss_of_a_tied_model_is_the_full_logits_loss_and_trains_the_one_wei
     assert model.lm_head.weight is model.embed_tokens.weight
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked_grad, model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_recipe_collate_function_makes_the_batches_of_training_and_evaluation(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    params = make_params(small_checkpoint, tmp_path, batch_size=2, shuffle=False)
+    collated: list[list[int]] = []
+
+    def recording_collate(examples: list[Example], pad_id: int, multiple: int) -> Batch:
+        batch = collate(examples, pad_id, multiple)
+        collated.append(example_ids(batch))
+        return batch
+
+    steps = list(optimizer_steps(numbered_examples(3), params, 0, collate=recording_collate))
+    assert [example_ids(b) for _, group in steps for b in group] == [[0, 1], [2]]
+    assert collated == [[0, 1], [2]]
+    evaluate(trained_model(), numbered_examples(3), params, 0, collate=recording_collate)
+    assert collated == [[0, 1], [2], [0, 1], [2]]

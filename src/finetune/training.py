@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from finetune import ranks
 from finetune.config import DType, FullFinetuneParams, recipe_of
-from finetune.data import Batch, Example, batches, epoch_order
+from finetune.data import Batch, Example, collate, epoch_order
 from finetune.errors import UserError
 from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
@@ -45,6 +45,16 @@ from finetune.training_state import (
 
 log = logging.getLogger(__name__)
 B = TypeVar("B")
+
+# A recipe's loss of one micro-batch, summed over its `n_targets` labelled tokens: the loop divides
+# by their total over the optimizer step, so every token weighs the same however it is batched.
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+# How a recipe makes one batch of its examples: (examples, pad_id, pad_to_multiple_of) -> batch.
+# Its batches hold tensors and count the `n_targets` their loss sums over and the input
+# `n_tokens` (see data.Batch); a recipe whose data differ brings its own.
+Collate = Callable[[list[Example], int, int], Batch]
 
 
 def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
@@ -76,6 +86,7 @@ def optimizer_steps(
     pad_id: int,
     start_epoch: int = 0,
     start_batch: int = 0,
+    collate: Collate = collate,
 ) -> Iterator[tuple[int, list[Batch]]]:
     """(epoch, the micro-batches of one optimizer step), over every epoch: the loop's one source
     of data, this process's share of each epoch (`ranks.this_rank`).
@@ -88,7 +99,7 @@ def optimizer_steps(
         if epoch == start_epoch:
             order = order[start_batch * params.batch_size :]
         group: list[Batch] = []
-        for batch in batches(examples, params.batch_size, pad_id, order, params.pad_to_multiple_of):
+        for batch in collated(examples, order, params, pad_id, collate):
             group.append(batch)
             if len(group) == params.gradient_accumulation_steps:
                 yield epoch, group
@@ -97,17 +108,25 @@ def optimizer_steps(
             yield epoch, group
 
 
+def collated(
+    examples: list[Example],
+    order: list[int],
+    params: FullFinetuneParams,
+    pad_id: int,
+    collate: Collate,
+) -> Iterator[Batch]:
+    """The examples of `order`, `params.batch_size` at a time, each group made one batch."""
+    for start in range(0, len(order), params.batch_size):
+        chunk = [examples[i] for i in order[start : start + params.batch_size]]
+        yield collate(chunk, pad_id, params.pad_to_multiple_of)
+
+
 @dataclass
 class StepResult:
     loss: float
     grad_norm: float
     n_tokens: int  # non-padding input tokens
     finite: bool = True  # False: NaN/inf loss or gradient, and the weights were not updated
-
-
-# A recipe's loss of one micro-batch, summed over its `n_targets` labelled tokens: the loop divides
-# by their total over the optimizer step, so every token weighs the same however it is batched.
-LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
 def next_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -160,6 +179,7 @@ def evaluate(
     params: FullFinetuneParams,
     pad_id: int,
     loss_fn: LossFn = next_token_loss,
+    collate: Collate = collate,
 ) -> float:
     """Mean loss over every labelled token of `examples`, weights and training RNG untouched.
 
@@ -174,7 +194,7 @@ def evaluate(
     n_targets = 0
     order = list(range(len(examples)))
     with torch.no_grad():
-        for batch in batches(examples, params.batch_size, pad_id, order, params.pad_to_multiple_of):
+        for batch in collated(examples, order, params, pad_id, collate):
             with autocast(device, params.dtype):
                 loss_sum += loss_fn(model, on_device(batch, device))
             n_targets += batch.n_targets
@@ -191,10 +211,11 @@ def train(
     pad_id: int,
     saved_bytes: int,
     loss_fn: LossFn = next_token_loss,
+    collate: Collate = collate,
 ) -> float:
     """Run the training loop on `examples`, less any held-out validation part, with the
-    recipe's `loss_fn`; `saved_bytes`, the size of what the recipe saves when the loop ends, is
-    part of the disk space the run is checked to have before it starts.
+    recipe's `loss_fn` on batches made by its `collate`. `saved_bytes`, the size of what the
+    recipe saves when the loop ends, counts in the disk space checked before the first step.
 
     Returns the last validation loss when there is validation data (the number worth comparing
     between runs, e.g. in a sweep), else the mean training loss over the last 10 % of the steps
@@ -249,7 +270,7 @@ def train(
 
     def validate(step: int, epoch: int) -> float:
         started = time.perf_counter()
-        val_loss = evaluate(model, val_examples, params, pad_id, loss_fn)
+        val_loss = evaluate(model, val_examples, params, pad_id, loss_fn, collate)
         metrics.write_eval(step, epoch, val_loss, time.perf_counter() - started)
         return val_loss
 
@@ -263,7 +284,7 @@ def train(
         # Last, so that the next dropout mask is the one the interrupted run would have drawn.
         restore_rng(state.rng)
     loss, tokens_since_log = math.nan, 0
-    data = optimizer_steps(examples, params, pad_id, state.epoch, state.batch_index)
+    data = optimizer_steps(examples, params, pad_id, state.epoch, state.batch_index, collate)
     stop = StopRequest(output_dir)
     with stop.installed():
         for epoch, micro_batches in data:
