@@ -139,17 +139,17 @@ def seed_everything(seed: int) -> None:
 
 
 def split_validation(
-    examples: list[Example], params: FullFinetuneParams
+    examples: list[Example], params: FullFinetuneParams, tokenizer: Tokenizer
 ) -> tuple[list[Example], list[Example]]:
     """(training, validation) examples: `dataset.val_split` of `examples`, or `dataset.val_path`.
 
-    Empty validation when neither is set. The validation file is tokenized like the training one.
+    Empty validation when neither is set. The validation file is tokenized by `tokenizer`, as the
+    training data was.
     """
     cfg = params.dataset
     if cfg.val_split:
         train_examples, val_examples = split_examples(examples, cfg.val_split, params.seed)
     elif cfg.val_path:
-        tokenizer = Tokenizer(Path(params.tokenizer))
         train_examples = examples
         val_examples = load_dataset(cfg, tokenizer, params.max_seq_len, path=cfg.val_path)
     else:

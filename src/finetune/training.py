@@ -28,6 +28,7 @@ from finetune.resume import resume, resume_settings
 from finetune.runs import split_validation
 from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
 from finetune.sweep import job_prefix
+from finetune.tokenizer import Tokenizer
 from finetune.training_state import (
     TrainingState,
     advance,
@@ -208,7 +209,7 @@ def train(
     model: Llama,
     examples: list[Example],
     params: FullFinetuneParams,
-    pad_id: int,
+    tokenizer: Tokenizer,
     saved_bytes: int,
     loss_fn: LossFn = next_token_loss,
     collate: Collate = collate,
@@ -221,7 +222,8 @@ def train(
     between runs, e.g. in a sweep), else the mean training loss over the last 10 % of the steps
     (see `late_loss`): one step's loss is too noisy to compare runs by.
     """
-    examples, val_examples = split_validation(examples, params)
+    examples, val_examples = split_validation(examples, params, tokenizer)
+    pad_id = tokenizer.pad_id
     device = next(model.parameters()).device
     steps = total_steps(params, len(examples))
     warn_if_data_runs_out(params, len(examples))

@@ -32,7 +32,7 @@ def run(params: FullFinetuneParams) -> float:
     prepare_model(model, params)
     log_model(model, params, len(examples))
 
-    final_loss = train(model, examples, params, tokenizer.pad_id, saved_bytes(model, params))
+    final_loss = train(model, examples, params, tokenizer, saved_bytes(model, params))
 
     if ranks.writes_files():
         out_dir = Path(params.output_dir)
