@@ -1,4 +1,5 @@
-"""Loss, optimizer, schedule, step counting and the optimizer step with gradient accumulation."""
+"""Loss, optimizer, schedule, step counting, the optimizer step with gradient accumulation, and
+what a recipe plugs into the shared loop (its loss, its batches, its registry entry)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import copy
 import dataclasses
 import itertools
 import math
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.config import DatasetConfig, DType, FullFinetuneParams
+from finetune.config import RECIPES, DatasetConfig, DType, FullFinetuneParams, Recipe, recipe_of
 from finetune.data import IGNORE_INDEX, Batch, Example, collate
 from finetune.loss import LOGITS_PER_CHUNK, chunked_cross_entropy
 from finetune.model import Llama
@@ -497,3 +500,21 @@ def test_a_recipe_collate_function_makes_the_batches_of_training_and_evaluation(
     assert collated == [[0, 1], [2]]
     evaluate(trained_model(), numbered_examples(3), params, 0, collate=recording_collate)
     assert collated == [[0, 1], [2], [0, 1], [2]]
+
+
+def test_a_new_recipe_is_its_registry_entry_and_its_module(
+    small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @dataclasses.dataclass
+    class ToyParams(FullFinetuneParams):
+        pass
+
+    module = types.ModuleType("finetune.recipes.toy")
+    module.run = lambda params: float(params.max_steps)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "finetune.recipes.toy", module)
+    monkeypatch.setitem(RECIPES, "toy", Recipe("toy", ToyParams))
+    full = make_params(small_checkpoint, tmp_path, max_steps=7)
+    toy = ToyParams(**{f.name: getattr(full, f.name) for f in dataclasses.fields(full)})
+
+    assert recipe_of(toy).name == "toy" and recipe_of(full).name == "full"
+    assert recipe_of(toy).run(toy) == 7.0
