@@ -242,7 +242,7 @@ def train(
     if is_resuming(params.resume):
         state = resume(params, recipe, model, optimizer, len(examples), steps)
     # The schedule is a function of the step, not saved: a resumed run rebuilds it at its step,
-    # over its own length (which may be longer than the checkpoint's run, see `resume`).
+    # over its own length (which may be longer than the checkpoint's run, see `resume.resume`).
     schedule = partial(lr_multiplier, warmup_steps=params.warmup_steps, total_steps=steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=state.step - 1)
     check_no_later_checkpoints(output_dir, state.step)

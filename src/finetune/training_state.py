@@ -43,7 +43,7 @@ class TrainingState:
     tokens_seen: int = 0
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient
     n_examples: int = 0  # the training set's size, to refuse a checkpoint of other data
-    # The settings a resumed run must share with the saved one (see training.RESUME_SETTINGS).
+    # The settings a resumed run must share with the saved one (see resume.RESUME_SETTINGS).
     settings: dict[str, float | int | bool] = field(default_factory=dict)
     elapsed_s: float = 0.0  # training time so far, so metrics' elapsed_s runs on after a resume
     # Validation and early stopping: the last val_loss, the best one, and the evaluations since.
