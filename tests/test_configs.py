@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.__main__ import RECIPES
-from finetune.config import RECIPE_PARAMS, FullFinetuneParams, ModelConfig, build_params
+from finetune.config import RECIPES, FullFinetuneParams, ModelConfig, build_params, recipe_of
 from finetune.errors import ConfigError
 from tests.conftest import (
     CONF_DIR,
@@ -67,7 +66,7 @@ def test_every_config_option_builds_its_params(
 ) -> None:
     cfg = compose_config(runnable_overrides(group, option, small_checkpoint, tmp_path))
     params = build_params(cfg)
-    assert type(params) in RECIPE_PARAMS.values()
+    assert type(params) in [recipe.params for recipe in RECIPES.values()]
     assert params.output_dir == str(tmp_path)
     assert Path(params.tokenizer).is_file()
 
@@ -80,7 +79,7 @@ def test_every_config_option_trains_two_steps(
     params = build_params(
         compose_config(runnable_overrides(group, option, small_checkpoint, tmp_path))
     )
-    final_loss = RECIPES[type(params)](params)
+    final_loss = recipe_of(params).run(params)
     assert math.isfinite(final_loss) and final_loss > 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -127,7 +126,7 @@ def test_cli_overrides_reach_the_params(tmp_path: Path) -> None:
 
 
 def test_every_params_field_has_a_default_and_help() -> None:
-    for params in [*RECIPE_PARAMS.values(), ModelConfig]:
+    for params in [*(recipe.params for recipe in RECIPES.values()), ModelConfig]:
         for f in dataclasses.fields(params):
             assert f.default is not dataclasses.MISSING or (
                 f.default_factory is not dataclasses.MISSING

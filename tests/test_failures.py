@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from finetune import hf_format, outputs, state, training
+from finetune import hf_format, outputs, training, training_state
 from finetune.errors import UserError
 from finetune.lora import apply_lora
 from finetune.model import Llama
@@ -22,11 +22,10 @@ from finetune.outputs import (
     atomic_directory,
     check_free_space,
     checkpoints_at_once,
-    final_model_bytes,
     write_error,
 )
 from finetune.recipes import full, lora
-from finetune.state import checkpoint_dirs
+from finetune.training_state import checkpoint_dirs
 from tests.conftest import SMALL_MODEL, run_cli, small_params
 
 TORCH_OOM = (
@@ -106,7 +105,7 @@ def test_a_run_that_cannot_fit_on_the_disk_stops_before_training(
 
     # Resuming, the checkpoints already on disk are part of those that exist at once.
     with pytest.raises(UserError, match=r"\(1 new checkpoint\(s\) of"):
-        check_free_space(Llama(SMALL_MODEL), params, 10, checkpoints_on_disk=2)
+        check_free_space(Llama(SMALL_MODEL), params, 10, 2, saved_bytes=4 * n_weights)
 
 
 @pytest.mark.parametrize(
@@ -136,7 +135,7 @@ def test_checkpoints_at_once(
         (["recipe=lora", "output_dtype=fp16"], 2),  # the adapter and the merged model
     ],
 )
-def test_final_model_bytes(
+def test_saved_bytes_of_each_recipe(
     overrides: list[str], bytes_per_weight: int, small_checkpoint: Path, tmp_path: Path
 ) -> None:
     params = small_params(small_checkpoint, tmp_path, *overrides)
@@ -146,7 +145,8 @@ def test_final_model_bytes(
     if "recipe=lora" in overrides:
         apply_lora(model, params.lora)
         adapter = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert final_model_bytes(model, params) == bytes_per_weight * n_weights + adapter
+    recipe = lora if "recipe=lora" in overrides else full
+    assert recipe.saved_bytes(model, params) == bytes_per_weight * n_weights + adapter
 
 
 class DiskWithRoom(io.RawIOBase):
@@ -210,7 +210,7 @@ def fail_writes_after(monkeypatch: pytest.MonkeyPatch, module: object, name: str
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fail_writes_after(monkeypatch, state.torch, "save", 1)
+    fail_writes_after(monkeypatch, training_state.torch, "save", 1)
     params = small_params(small_checkpoint, tmp_path, "max_steps=6", "save_every_n_steps=2")
     with pytest.raises(UserError) as error:
         full.run(params)

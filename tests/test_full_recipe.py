@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 import yaml
 
+from finetune import ranks
 from finetune.checkpoint import load_hf
 from finetune.config import FullFinetuneParams, build_params
-from finetune.recipes import full
+from finetune.recipes import full, lora
 from tests.conftest import SMALL_MODEL, compose_config, small_params
 
 
@@ -136,3 +139,19 @@ def test_shipped_model_visibly_learns_the_sample_task(tmp_path: Path) -> None:
     first = sum(r["loss"] for r in rows[:10]) / 10
     last = sum(r["loss"] for r in rows[-10:]) / 10
     assert last < 0.85 * first, (first, last)
+
+
+@pytest.mark.parametrize("recipe", [full, lora])
+def test_a_process_that_does_not_write_files_trains_but_saves_nothing(
+    recipe: ModuleType, small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ranks.writes_files is the one place that decides it, for the loop and the recipes alike.
+    monkeypatch.setattr(ranks, "writes_files", lambda: False)
+    overrides = ["max_steps=2", "save_every_n_steps=1"]
+    if recipe is lora:
+        overrides.append("recipe=lora")
+    final_loss = recipe.run(small_params(small_checkpoint, tmp_path, *overrides))
+
+    assert math.isfinite(final_loss)
+    written = {p.name for p in tmp_path.iterdir()}
+    assert not written & {"params.yaml", "checkpoints", "model", "adapter", "loss.png"}

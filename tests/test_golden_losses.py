@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.__main__ import RECIPES
-from finetune.config import build_params
+from finetune.config import build_params, recipe_of
 from tests.conftest import compose_config
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -26,7 +25,7 @@ def first_losses(recipe: str, out: Path) -> list[float]:
     """The losses of the first STEPS steps of `python -m finetune recipe=<recipe>` (fp32, CPU)."""
     overrides = [f"recipe={recipe}", f"output_dir={out}", f"max_steps={STEPS}", "device=cpu"]
     params = build_params(compose_config([*overrides, "log_every_n_steps=1", "dtype=fp32"]))
-    RECIPES[type(params)](params)
+    recipe_of(params).run(params)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [row["loss"] for row in rows if "loss" in row]
 

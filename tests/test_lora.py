@@ -16,7 +16,7 @@ from finetune.checkpoint import load_hf
 from finetune.config import LORA_TARGETS, LoraConfig
 from finetune.data import IGNORE_INDEX
 from finetune.errors import ConfigError, UserError
-from finetune.lora import LoRALinear, apply_lora, lora_modules, merge_lora, output_weight
+from finetune.lora import LoRALinear, apply_lora, lora_modules, merge_lora
 from finetune.loss import chunked_cross_entropy
 from finetune.model import Llama
 from finetune.peft_format import (
@@ -347,7 +347,7 @@ def check_bf16_base_trains_under_autocast_and_merges(model: Llama) -> None:
     tokens = random_tokens()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(tokens)
-        loss = chunked_cross_entropy(model.hidden_states(tokens), output_weight(model), tokens)
+        loss = chunked_cross_entropy(model.hidden_states(tokens), model.output_weight(), tokens)
     loss.backward()
     assert logits.dtype == torch.bfloat16
     for name, p in model.named_parameters():
@@ -380,7 +380,7 @@ def test_output_weight_gives_the_chunked_loss_the_full_logits_gradients(
     targets[:, :3] = IGNORE_INDEX
     params = [p for p in model.parameters() if p.requires_grad]
 
-    chunked = chunked_cross_entropy(model.hidden_states(tokens), output_weight(model), targets)
+    chunked = chunked_cross_entropy(model.hidden_states(tokens), model.output_weight(), targets)
     chunked_grads = torch.autograd.grad(chunked, params)
     logits = model(tokens)
     full = F.cross_entropy(
@@ -402,4 +402,4 @@ def test_output_weight_gives_the_chunked_loss_the_full_logits_gradients(
 
 def test_output_weight_without_an_lm_head_adapter_is_the_base_weight() -> None:
     model = lora_model(["q_proj"], use_dora=False)
-    assert output_weight(model) is model.lm_head.weight
+    assert model.output_weight() is model.lm_head.weight

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from finetune.config import FullFinetuneParams, LoraConfig
-from finetune.lora import apply_lora, output_weight
+from finetune.lora import apply_lora
 from finetune.loss import chunked_cross_entropy
 from finetune.model import Llama
 from finetune.parallel import apply_activation_checkpointing
@@ -80,7 +80,7 @@ def saved_bytes(model: Llama, tokens: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         hidden = model.hidden_states(tokens)
-        loss = chunked_cross_entropy(hidden, output_weight(model), tokens)
+        loss = chunked_cross_entropy(hidden, model.output_weight(), tokens)
     loss.backward()
     return sum(storages.values())
 

@@ -18,7 +18,7 @@ from finetune.checkpoint import load_checkpoint, load_hf
 from finetune.config import LORA_TARGETS, LoraConfig, ModelConfig, build_params, model_preset
 from finetune.errors import UserError
 from finetune.hf_format import save_hf
-from finetune.lora import apply_lora, lora_modules, merge_lora, output_weight
+from finetune.lora import apply_lora, lora_modules, merge_lora
 from finetune.model import Llama
 from finetune.peft_format import (
     ADAPTER_CONFIG,
@@ -123,7 +123,7 @@ def test_every_block_linear_is_quantized_but_embedding_and_lm_head_stay_dense() 
     assert type(model.lm_head.base.weight.data) is torch.Tensor
     assert type(model.embed_tokens.weight.data) is torch.Tensor
     # The chunked loss gets lm_head's dense effective weight, not something to dequantize.
-    assert type(output_weight(model)) is torch.Tensor
+    assert type(model.output_weight()) is torch.Tensor
 
 
 @needs_torchao

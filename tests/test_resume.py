@@ -13,10 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune import model as llama
 from finetune import training
 from finetune.config import FullFinetuneParams
 from finetune.errors import UserError
 from finetune.recipes import full, lora
+from finetune.schedule import lr_multiplier
 from tests.conftest import SAMPLE_DATA, SMALL_MODEL, model_overrides, run_cli, small_params
 
 # 14 examples in micro-batches of 2, two per optimizer step: 4 steps an epoch, the last of one
@@ -195,7 +197,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(
 
 def poison_loss_of_step_2(monkeypatch: pytest.MonkeyPatch) -> None:
     """NaN in the loss of step 2's first micro-batch (the 3rd loss call: two a step)."""
-    real_loss = training.chunked_cross_entropy
+    real_loss = llama.chunked_cross_entropy
     calls = []
 
     def loss(*args: torch.Tensor) -> torch.Tensor:
@@ -203,7 +205,7 @@ def poison_loss_of_step_2(monkeypatch: pytest.MonkeyPatch) -> None:
         value = real_loss(*args)
         return value * float("nan") if len(calls) == 3 else value
 
-    monkeypatch.setattr(training, "chunked_cross_entropy", loss)
+    monkeypatch.setattr(llama, "chunked_cross_entropy", loss)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(
@@ -438,7 +440,7 @@ def test_a_finished_run_trains_for_longer_on_the_schedule_of_the_new_length(
     assert steps_on_disk(tmp_path) == [f"step_{ended:06d}"]
     finished = rows_of(tmp_path)
 
-    with caplog.at_level("INFO", logger="finetune.training"):
+    with caplog.at_level("INFO", logger="finetune.resume"):
         full.run(
             params_for(
                 "full", small_checkpoint, small_data, tmp_path, *schedule, *longer, "resume=true"
@@ -450,9 +452,7 @@ def test_a_finished_run_trains_for_longer_on_the_schedule_of_the_new_length(
     # From the resumed step on, the lr of a run that was this long from the start: the cosine
     # decay recomputed over the new length (the finished run's own schedule had reached 0).
     lr = 1e-3
-    expected = [
-        lr * training.lr_multiplier(step - 1, 1, total) for step in range(ended + 1, total + 1)
-    ]
+    expected = [lr * lr_multiplier(step - 1, 1, total) for step in range(ended + 1, total + 1)]
     assert [r["lr"] for r in rows[ended:]] == expected
     assert expected[0] > 0
     was = ", ".join(o for o in first if o not in longer)
@@ -465,7 +465,7 @@ def test_a_finished_run_trains_for_longer_on_the_schedule_of_the_new_length(
     assert steps_on_disk(tmp_path)[-1] == f"step_{total:06d}"
     # Resuming the longer run's last checkpoint with its own length changes nothing.
     caplog.clear()
-    with caplog.at_level("INFO", logger="finetune.training"):
+    with caplog.at_level("INFO", logger="finetune.resume"):
         full.run(
             params_for(
                 "full", small_checkpoint, small_data, tmp_path, *schedule, *longer, "resume=true"
@@ -483,7 +483,7 @@ def test_a_run_the_data_cannot_fill_says_so_at_the_start(
     params = small_params(
         small_checkpoint, tmp_path, f"dataset.path={data}", "batch_size=8", "max_steps=5"
     )
-    with caplog.at_level("WARNING", logger="finetune.training"):
+    with caplog.at_level("WARNING", logger="finetune.schedule"):
         full.run(params)
     assert (
         "3 examples, batch_size=8: 1 step per epoch, so epochs=1 ends after 1 step; "
@@ -492,7 +492,7 @@ def test_a_run_the_data_cannot_fill_says_so_at_the_start(
     assert [r["step"] for r in rows_of(tmp_path)] == [1]
 
     caplog.clear()
-    with caplog.at_level("WARNING", logger="finetune.training"):
+    with caplog.at_level("WARNING", logger="finetune.schedule"):
         full.run(
             small_params(small_checkpoint, tmp_path / "one", f"dataset.path={data}", "max_steps=1")
         )

@@ -1,26 +1,30 @@
-"""Loss, optimizer, schedule, step counting and the optimizer step with gradient accumulation."""
+"""Loss, optimizer, schedule, step counting, the optimizer step with gradient accumulation, and
+what a recipe plugs into the shared loop (its loss, its batches, its registry entry)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.config import DatasetConfig, DType, FullFinetuneParams
+from finetune.config import RECIPES, DatasetConfig, DType, FullFinetuneParams, Recipe, recipe_of
 from finetune.data import IGNORE_INDEX, Batch, Example, collate
 from finetune.loss import LOGITS_PER_CHUNK, chunked_cross_entropy
 from finetune.model import Llama
+from finetune.schedule import lr_multiplier, steps_per_epoch, total_steps
 from finetune.training import (
     build_optimizer,
-    lr_multiplier,
+    evaluate,
+    next_token_loss,
     optimizer_steps,
-    steps_per_epoch,
-    total_steps,
     train_step,
 )
 from tests.conftest import SMALL_MODEL, write_jsonl
@@ -417,3 +421,100 @@ def test_train_step_under_bf16_keeps_fp32_weights_and_a_close_loss(
     expected = results[DType.fp32].loss
     assert results[DType.bf16].loss == pytest.approx(expected, rel=2e-2)
     assert results[DType.bf16].loss == pytest.approx(math.log(SMALL_MODEL.vocab_size), rel=2e-2)
+
+
+def test_a_forward_pre_hook_on_the_model_runs_in_training_steps_and_evaluation(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    # What FSDP's gathering of weights and torch.compile of the root rely on.
+    params = make_params(small_checkpoint, tmp_path, batch_size=2)
+    examples = [labelled_example(9, 3, seed=s) for s in range(3)]
+    model = trained_model()
+    seen: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    micro_batches = [collate(examples[:2], 0), collate(examples[2:], 0)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    train_step(model, micro_batches, optimizer, params, CPU)
+    assert seen == [(2, 8), (1, 8)]
+    evaluate(model, examples, params, pad_id=0)
+    assert seen == [(2, 8), (1, 8), (2, 8), (1, 8)]
+
+
+def test_a_recipe_loss_function_replaces_the_next_token_loss(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    params = make_params(small_checkpoint, tmp_path, dtype=DType.fp32)
+    examples = [labelled_example(12, 3, seed=1), labelled_example(7, 2, seed=2)]
+    batch = collate(examples, 0)
+
+    def doubled(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return 2 * next_token_loss(model, batch)
+
+    plain_model, doubled_model = trained_model(), trained_model()
+    plain = train_step(plain_model, [batch], build_optimizer(plain_model, 0.1, 0.0), params, CPU)
+    optimizer = build_optimizer(doubled_model, 0.1, 0.0)
+    twice = train_step(doubled_model, [batch], optimizer, params, CPU, loss_fn=doubled)
+    assert twice.loss == pytest.approx(2 * plain.loss, rel=1e-6)
+    evaluated = evaluate(trained_model(), examples, params, 0, loss_fn=doubled)
+    assert evaluated == pytest.approx(2 * evaluate(trained_model(), examples, params, 0), rel=1e-6)
+
+
+def test_the_loss_of_a_tied_model_is_the_full_logits_loss_and_trains_the_one_weight() -> None:
+    cfg = dataclasses.replace(SMALL_MODEL, tie_word_embeddings=True)
+    model = Llama(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    batch = collate([labelled_example(12, 3, seed=1), labelled_example(7, 2, seed=2)], 0)
+
+    loss = model(batch.inputs, batch.targets)
+    loss.backward()
+    chunked_grad = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    logits = model(batch.inputs)
+    reference = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        batch.targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    reference.backward()
+
+    assert model.lm_head.weight is model.embed_tokens.weight
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked_grad, model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_recipe_collate_function_makes_the_batches_of_training_and_evaluation(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    params = make_params(small_checkpoint, tmp_path, batch_size=2, shuffle=False)
+    collated: list[list[int]] = []
+
+    def recording_collate(examples: list[Example], pad_id: int, multiple: int) -> Batch:
+        batch = collate(examples, pad_id, multiple)
+        collated.append(example_ids(batch))
+        return batch
+
+    steps = list(optimizer_steps(numbered_examples(3), params, 0, collate=recording_collate))
+    assert [example_ids(b) for _, group in steps for b in group] == [[0, 1], [2]]
+    assert collated == [[0, 1], [2]]
+    evaluate(trained_model(), numbered_examples(3), params, 0, collate=recording_collate)
+    assert collated == [[0, 1], [2], [0, 1], [2]]
+
+
+def test_a_new_recipe_is_its_registry_entry_and_its_module(
+    small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @dataclasses.dataclass
+    class ToyParams(FullFinetuneParams):
+        pass
+
+    module = types.ModuleType("finetune.recipes.toy")
+    module.run = lambda params: float(params.max_steps)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "finetune.recipes.toy", module)
+    monkeypatch.setitem(RECIPES, "toy", Recipe("toy", ToyParams))
+    full = make_params(small_checkpoint, tmp_path, max_steps=7)
+    toy = ToyParams(**{f.name: getattr(full, f.name) for f in dataclasses.fields(full)})
+
+    assert recipe_of(toy).name == "toy" and recipe_of(full).name == "full"
+    assert recipe_of(toy).run(toy) == 7.0

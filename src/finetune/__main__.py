@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -25,35 +24,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from finetune import sweep
 from finetune.config import (
-    RECIPE_PARAMS,
+    RECIPES,
     FullFinetuneParams,
-    LoraFinetuneParams,
     build_params,
     config_dir,
     field_help,
+    recipe_of,
 )
 from finetune.config import register_schemas as _register_schemas
 from finetune.errors import UserError
 from finetune.overrides import command_line, split_flags
-
-
-def _run_full(params: FullFinetuneParams) -> float:
-    from finetune.recipes import full
-
-    return full.run(params)
-
-
-def _run_lora(params: LoraFinetuneParams) -> float:
-    from finetune.recipes import lora
-
-    return lora.run(params)
-
-
-# Each params dataclass -> the recipe that runs it (imported only when called).
-RECIPES: dict[type, Callable[[object], float]] = {
-    FullFinetuneParams: _run_full,
-    LoraFinetuneParams: _run_lora,
-}
 
 _register_schemas()
 
@@ -77,7 +57,7 @@ def _task(cfg: DictConfig) -> float:
                 return earlier["result"] if earlier["result"] is not None else math.nan
             if not sweep.has_checkpoint(Path(params.output_dir)):
                 params.resume = ""  # never started, or stopped before its first checkpoint
-        return RECIPES[type(params)](params)
+        return recipe_of(params).run(params)
     except (KeyboardInterrupt, SystemExit):
         # A signal during training saved a checkpoint and set sweep.stop_signal; a Ctrl-C
         # elsewhere (loading the model) saved nothing. Either way the sweep stops with its report.
@@ -173,7 +153,7 @@ def _missing_extra(error: MissingConfigException) -> str | None:
 def help_text(argv: list[str]) -> str:
     """Usage, the config groups and their options, and every field of the selected recipe."""
     recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), "full")
-    params = RECIPE_PARAMS.get(recipe, FullFinetuneParams)
+    params = RECIPES[recipe].params if recipe in RECIPES else FullFinetuneParams
     defaults = _primary_defaults()
     command = "finetune" if Path(sys.argv[0]).name == "finetune" else "python -m finetune"
     lines = [

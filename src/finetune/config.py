@@ -9,6 +9,7 @@ there. This module imports no torch, so `--help` and `--cfg job` stay fast.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -468,15 +469,37 @@ class LoraFinetuneParams(FullFinetuneParams):
         )
 
 
-# Each recipe's root dataclass, by the name of its `conf/recipe/` option.
-RECIPE_PARAMS: dict[str, type] = {"full": FullFinetuneParams, "lora": LoraFinetuneParams}
+@dataclass(frozen=True)
+class Recipe:
+    """A `recipe=<name>` option: the dataclass of its params, and `finetune.recipes.<name>`,
+    whose `run(params)` runs them; that module is imported only when run, so that `--help` and
+    `--cfg job` never load torch."""
+
+    name: str
+    params: type
+
+    def run(self, params: Any) -> float:
+        return importlib.import_module(f"finetune.recipes.{self.name}").run(params)
+
+
+# Every recipe, by the name of its `conf/recipe/` option.
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (Recipe("full", FullFinetuneParams), Recipe("lora", LoraFinetuneParams))
+}
+
+
+def recipe_of(params: Any) -> Recipe:
+    """The recipe whose dataclass `params` are: their exact type, as one recipe's params may
+    subclass another's."""
+    return next(recipe for recipe in RECIPES.values() if type(params) is recipe.params)
 
 
 def register_schemas() -> None:
     """Store the dataclasses under `schema/...`, for the YAML files' defaults lists to extend."""
     store = ConfigStore.instance()
-    for name, params in RECIPE_PARAMS.items():
-        store.store(group="schema/recipe", name=name, node=params)
+    for name, recipe in RECIPES.items():
+        store.store(group="schema/recipe", name=name, node=recipe.params)
     store.store(group="schema/model", name="llama", node=ModelConfig)
     store.store(group="schema/dataset", name="instruct", node=DatasetConfig)
     if not OmegaConf.has_resolver("asset"):
@@ -521,7 +544,8 @@ def with_schema(cfg: DictConfig) -> DictConfig:
     """
     keys = set(cfg)
     recipe = min(
-        RECIPE_PARAMS.values(), key=lambda params: (len(keys - _names(params)), len(_names(params)))
+        (recipe.params for recipe in RECIPES.values()),
+        key=lambda params: (len(keys - _names(params)), len(_names(params))),
     )
     unknown = sorted(keys - _names(recipe))
     if unknown:

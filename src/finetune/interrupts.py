@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from finetune import sweep
-from finetune.state import latest_checkpoint_note
+from finetune.training_state import latest_checkpoint_note
 
 
 class StopRequest:

@@ -157,24 +157,6 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def output_weight(model: Llama) -> torch.Tensor:
-    """The output layer's weight for `loss.chunked_cross_entropy`.
-
-    The chunked loss multiplies the hidden states by the output weight itself instead of calling
-    `model.lm_head`, so a LoRA on `lm_head` would be bypassed (and never trained) if the loss read
-    the base weight. This returns the effective weight W + s·B A (DoRA: rescaled per row),
-    built differentiably each call, so the loss is that of the adapted model and its weight
-    gradient flows on to A, B and m. Costs one (vocab, dim) tensor per call.
-
-    The one difference from `model(tokens)`: this path cannot apply LoRA dropout to the hidden
-    states (dropout is per token, a weight is shared by all), so lm_head's adapter trains without
-    dropout. With `lora.dropout=0` the two are identical.
-    """
-    if isinstance(model.lm_head, LoRALinear):
-        return model.lm_head.effective_weight()
-    return model.lm_head.weight
-
-
 @torch.no_grad()
 def merge_lora(model: Llama) -> None:
     """Fold every adapter into its base weight and put plain `nn.Linear` layers back, NF4 ones

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from finetune.config import ModelConfig
+from finetune.loss import chunked_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -123,21 +124,46 @@ class Llama(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) token ids -> (batch, seq, dim) final normalised hidden states.
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq) token ids -> (batch, seq, vocab) logits; with `targets`, (batch, seq) token
+        ids or IGNORE_INDEX, the summed cross-entropy of the labelled positions instead.
 
-        The loss applies `lm_head` itself, a chunk at a time, so that the full logits of a batch
-        never exist at once (see `loss.chunked_cross_entropy`).
+        The training loss is computed here, inside the model's call, so that hooks on the model
+        run on the training path: a forward hook, FSDP's gathering of the root's weights,
+        torch.compile of the root. It applies the output layer a chunk of tokens at a time, so the
+        logits of a whole batch never exist at once (see `loss.chunked_cross_entropy`).
         """
+        hidden = self.hidden_states(tokens)
+        if targets is None:
+            return self.lm_head(hidden)
+        weight = self.output_weight()
+        if not torch.is_grad_enabled():
+            # The loss computes its gradients in the forward pass for every input that requires
+            # them, which no_grad alone does not switch off.
+            weight = weight.detach()
+        return chunked_cross_entropy(hidden, weight, targets)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) token ids -> (batch, seq, dim) final normalised hidden states."""
         cos, sin = rotary_cos_sin(self.cfg, tokens.shape[1], tokens.device)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) token ids -> (batch, seq, vocab) logits."""
-        return self.lm_head(self.hidden_states(tokens))
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight as the loss multiplies by it: an adapted `lm_head` (a LoRA
+        layer) gives its `effective_weight()`, W + s·B A (DoRA: rescaled per row), built
+        differentiably each call so that the loss is that of the adapted model and its weight
+        gradient flows on to the adapter. Reading the base weight would bypass the adapter, which
+        would then never train. Costs one (vocab, dim) tensor per call with an adapter.
+
+        The one difference from the logits of `self(tokens)`: this path cannot apply LoRA dropout
+        to the hidden states (dropout is per token, a weight is shared by all), so lm_head's
+        adapter trains without dropout. With `lora.dropout=0` the two are identical.
+        """
+        adapted = getattr(self.lm_head, "effective_weight", None)
+        return adapted() if adapted is not None else self.lm_head.weight
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoint import output_dtype
-from finetune.config import FullFinetuneParams, LoraFinetuneParams, OutputFormat
+from finetune.config import FullFinetuneParams, OutputFormat
 from finetune.errors import UserError
 from finetune.model import Llama, count_parameters
 
@@ -131,28 +131,32 @@ def check_no_finished_run(output_dir: Path) -> None:
 
 
 def check_free_space(
-    model: Llama, params: FullFinetuneParams, steps: int, checkpoints_on_disk: int
+    model: Llama,
+    params: FullFinetuneParams,
+    steps: int,
+    checkpoints_on_disk: int,
+    saved_bytes: int,
 ) -> None:
-    """Refuse to start a run whose checkpoints and final model would not fit on the disk.
+    """Refuse to start a run whose checkpoints and final outputs (`saved_bytes`, which the recipe
+    gives) would not fit on the disk.
 
     An estimate from the parameter counts, erring high: it counts the checkpoint being written
     while `keep_last_n` others still exist (less the `checkpoints_on_disk` a resumed run already
-    has, which those replace), and the final model in full, as an earlier one stays until the new
-    one is complete.
+    has, which those replace), and the final outputs in full, as earlier ones stay until the new
+    ones are complete.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Each trainable weight is saved with AdamW's two fp32 moments.
     checkpoint = sum(p.numel() * (p.element_size() + 8) for p in trainable)
     n_checkpoints = max(0, checkpoints_at_once(params, steps) - checkpoints_on_disk)
-    final = final_model_bytes(model, params)
-    needed = n_checkpoints * checkpoint + final
+    needed = n_checkpoints * checkpoint + saved_bytes
     output_dir = Path(params.output_dir)
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise UserError(
             f"output_dir={output_dir}: {gigabytes(free)} free on its disk, but the run writes "
             f"about {gigabytes(needed)} ({n_checkpoints} new checkpoint(s) of "
-            f"{gigabytes(checkpoint)} and {gigabytes(final)} of model); free space, lower "
+            f"{gigabytes(checkpoint)} and {gigabytes(saved_bytes)} of model); free space, lower "
             "keep_last_n, or choose another hydra.run.dir"
         )
 
@@ -168,17 +172,13 @@ def checkpoints_at_once(params: FullFinetuneParams, steps: int) -> int:
     return min(saves, params.keep_last_n + 1) if params.keep_last_n else saves
 
 
-def final_model_bytes(model: Llama, params: FullFinetuneParams) -> int:
-    """The size of the model directories the run ends by writing."""
+def model_bytes(model: Llama, params: FullFinetuneParams) -> int:
+    """The size of the model directories `runs.save_model` writes: model/, and model_meta/ with
+    output_format=meta."""
     with torch.device("meta"):  # the unquantized, unadapted model's size, without memory
         n_weights = count_parameters(Llama(model.cfg))
-    model_bytes = n_weights * output_dtype(params.output_dtype, Path(params.checkpoint)).itemsize
-    if params.output_format is OutputFormat.meta:
-        model_bytes *= 2
-    if not isinstance(params, LoraFinetuneParams):
-        return model_bytes
-    adapter = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    return adapter + (model_bytes if params.save_merged else 0)
+    size = n_weights * output_dtype(params.output_dtype, Path(params.checkpoint)).itemsize
+    return 2 * size if params.output_format is OutputFormat.meta else size
 
 
 def gigabytes(n_bytes: int) -> str:

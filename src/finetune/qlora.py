@@ -91,8 +91,8 @@ def quantize_base_weights(model: Llama) -> None:
 
     The embedding and lm_head stay dense, as in QLoRA (and transformers' bitsandbytes loading):
     they are a few percent of a Llama's weights, quantization hurts the output layer most, and the
-    chunked loss multiplies by lm_head's weight directly (`output_weight`), which would otherwise
-    need dequantizing whole for every micro-batch.
+    chunked loss multiplies by lm_head's weight directly (`Llama.output_weight`), which would
+    otherwise need dequantizing whole for every micro-batch.
     """
     to_nf4 = _import_to_nf4()
     # Names, not modules: a list of the modules would keep every dense weight alive to the end.

@@ -1,168 +1,61 @@
-"""The pieces every recipe shares: device and precision, loss, optimizer, schedule, the loop."""
+"""The loop every recipe shares, and its parts: precision, optimizer, one step, evaluation."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-import random
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import partial, wraps
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from omegaconf import OmegaConf
 
-from finetune.chat_format import LLAMA2_CHAT_TEMPLATE
-from finetune.checkpoint import output_dtype
-from finetune.config import (
-    RECIPE_PARAMS,
-    Device,
-    DType,
-    FullFinetuneParams,
-    LoraFinetuneParams,
-    OutputFormat,
-)
-from finetune.data import Batch, Example, batches, epoch_order, load_dataset, split_examples
+from finetune import ranks
+from finetune.config import DType, FullFinetuneParams, recipe_of
+from finetune.data import Batch, Example, collate, epoch_order
 from finetune.errors import UserError
-from finetune.hf_format import save_hf
 from finetune.interrupts import StopRequest, stopped_by_signal
-from finetune.lora import output_weight
-from finetune.loss import chunked_cross_entropy
-from finetune.meta_format import save_meta
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
-from finetune.model import Llama, count_parameters
-from finetune.outputs import (
-    atomic_directory,
-    check_free_space,
-    check_no_finished_run,
-    check_writable,
-)
-from finetune.state import (
+from finetune.model import Llama
+from finetune.outputs import check_free_space
+from finetune.resume import resume, resume_settings
+from finetune.runs import split_validation
+from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
+from finetune.sweep import job_prefix
+from finetune.tokenizer import Tokenizer
+from finetune.training_state import (
     TrainingState,
+    advance,
     capture_rng,
     check_no_later_checkpoints,
-    check_resume_before_loading,
     checkpoint_dirs,
-    find_checkpoint,
     is_resuming,
     latest_checkpoint_note,
-    load_checkpoint_state,
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
+    should_stop_early,
     step_dir,
 )
-from finetune.sweep import job_prefix
-from finetune.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-P = TypeVar("P", bound=FullFinetuneParams)
+B = TypeVar("B")
+
+# A recipe's loss of one micro-batch, summed over its `n_targets` labelled tokens: the loop divides
+# by their total over the optimizer step, so every token weighs the same however it is batched.
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
-def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
-    """What every recipe does first: seed, pick the device, tokenize the data."""
-    check_writable(Path(params.output_dir))
-    if not is_resuming(params.resume):  # a resumed run is meant to replace its model
-        check_no_finished_run(Path(params.output_dir))
-    check_resume_before_loading(params.resume, Path(params.output_dir))
-    seed_everything(params.seed)
-    device = resolve_device(params.device)
-    tokenizer = Tokenizer(Path(params.tokenizer))
-    if not params.model.vocab_size:  # Meta's params.json leaves it to the tokenizer
-        params.model = dataclasses.replace(params.model, vocab_size=tokenizer.vocab_size)
-    tokenizer.check_vocab(params.model.vocab_size)
-    examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
-    return device, tokenizer, examples
-
-
-def log_model(model: Llama, params: FullFinetuneParams, n_examples: int) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(
-        "%s: %.1fM parameters (%.2fM trainable) on %s, %s; %d examples from %s",
-        params.checkpoint,
-        count_parameters(model) / 1e6,
-        trainable / 1e6,
-        next(model.parameters()).device,
-        params.dtype.value,
-        n_examples,
-        params.dataset.path,
-    )
-
-
-def save_model(
-    model: Llama, params: FullFinetuneParams, tokenizer: Tokenizer, out_dir: Path
-) -> None:
-    """The model in Hugging Face format (and Meta's with output_format=meta), in output_dtype."""
-    dtype = output_dtype(params.output_dtype, Path(params.checkpoint))
-    # Atomic, so a rerun in the same directory that fails (disk full) keeps the earlier model.
-    with atomic_directory(out_dir) as tmp:
-        save_hf(
-            model,
-            tmp,
-            tokenizer=tokenizer.path,
-            bos_id=tokenizer.bos_id,
-            eos_id=tokenizer.eos_id,
-            dtype=dtype,
-            max_shard_bytes=params.max_shard_size_mb * 1_000_000,
-            chat_template=LLAMA2_CHAT_TEMPLATE if params.dataset.format == "chat" else "",
-        )
-    log.info("model saved to %s (%s)", out_dir, str(dtype).removeprefix("torch."))
-    if params.output_format is OutputFormat.meta:
-        meta_dir = out_dir.with_name(out_dir.name + "_meta")
-        with atomic_directory(meta_dir) as tmp:
-            save_meta(model, tmp, tokenizer.path, dtype)
-        log.info("Meta format copy saved to %s", meta_dir)
-
-
-def explains_out_of_memory(run: Callable[[P], float]) -> Callable[[P], float]:
-    """Turn a recipe's GPU out-of-memory error into one line naming the settings that lower
-    memory. Checkpoints already saved stay as they are."""
-
-    @wraps(run)
-    def recipe(params: P) -> float:
-        try:
-            return run(params)
-        except torch.OutOfMemoryError as error:
-            raise UserError(out_of_memory_message(params, str(error))) from None
-
-    return recipe
-
-
-def out_of_memory_message(params: FullFinetuneParams, error: str) -> str:
-    tried = re.search(r"Tried to allocate [\d.]+ \w+", error)
-    what = f"out of GPU memory ({tried.group(0)})" if tried else "out of GPU memory"
-    tips = []
-    batch, accumulation = params.batch_size, params.gradient_accumulation_steps
-    if batch > 1:
-        smaller = batch // 2 if batch % 2 == 0 else 1
-        tips.append(
-            f"batch_size={smaller} with gradient_accumulation_steps="
-            f"{accumulation * batch // smaller} (the same effective batch)"
-        )
-    if not params.activation_checkpointing:
-        tips.append("activation_checkpointing=true")
-    if params.dtype is not DType.bf16:
-        tips.append("dtype=bf16")
-    if not isinstance(params, LoraFinetuneParams):
-        tips.append("recipe=lora")
-    elif not params.lora.quantize_base:
-        tips.append("lora.quantize_base=true")
-    tips.append(f"a max_seq_len below {params.max_seq_len}")
-    return f"{what}; settings that lower memory: {', '.join(tips)}"
-
-
-def resolve_device(device: Device) -> torch.device:
-    if device is Device.cuda and not torch.cuda.is_available():
-        raise UserError("device: cuda was requested but no CUDA device is available")
-    if device is Device.cpu or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
+# How a recipe makes one batch of its examples: (examples, pad_id, pad_to_multiple_of) -> batch.
+# Its batches hold tensors and count the `n_targets` their loss sums over and the input
+# `n_tokens` (see data.Batch); a recipe whose data differ brings its own.
+Collate = Callable[[list[Example], int, int], Batch]
 
 
 def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
@@ -174,11 +67,6 @@ def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
     if dtype is DType.bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -193,68 +81,45 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to the peak, then cosine decay towards 0; `step` counts from 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def steps_per_epoch(n_examples: int, batch_size: int, accumulation_steps: int) -> int:
-    return math.ceil(math.ceil(n_examples / batch_size) / accumulation_steps)
-
-
-def warn_if_data_runs_out(params: FullFinetuneParams, n_examples: int) -> None:
-    """Say at the start when `epochs` passes over the data end before `max_steps`."""
-    per_epoch = steps_per_epoch(n_examples, params.batch_size, params.gradient_accumulation_steps)
-    if params.max_steps <= params.epochs * per_epoch:
-        return
-    batches = f"batch_size={params.batch_size}"
-    if params.gradient_accumulation_steps > 1:
-        batches += f", gradient_accumulation_steps={params.gradient_accumulation_steps}"
-    log.warning(
-        f"{n_examples} examples, {batches}: {count(per_epoch, 'step')} per epoch, so "
-        f"epochs={params.epochs} ends after {count(params.epochs * per_epoch, 'step')}; "
-        f"max_steps={params.max_steps} needs epochs={math.ceil(params.max_steps / per_epoch)}"
-    )
-
-
-def count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def total_steps(params: FullFinetuneParams, n_examples: int) -> int:
-    steps = params.epochs * steps_per_epoch(
-        n_examples, params.batch_size, params.gradient_accumulation_steps
-    )
-    return min(steps, params.max_steps) if params.max_steps else steps
-
-
 def optimizer_steps(
     examples: list[Example],
     params: FullFinetuneParams,
     pad_id: int,
     start_epoch: int = 0,
     start_batch: int = 0,
+    collate: Collate = collate,
 ) -> Iterator[tuple[int, list[Batch]]]:
-    """(epoch, the micro-batches of one optimizer step), over every epoch.
+    """(epoch, the micro-batches of one optimizer step), over every epoch: the loop's one source
+    of data, this process's share of each epoch (`ranks.this_rank`).
 
     Starts at micro-batch `start_batch` of `start_epoch` (a resumed run): the order is rebuilt
     from (seed, epoch) and the consumed part sliced off, so nothing skipped is collated.
     """
     for epoch in range(start_epoch, params.epochs):
-        order = epoch_order(len(examples), params.shuffle, params.seed, epoch)
+        order = ranks.this_rank(epoch_order(len(examples), params.shuffle, params.seed, epoch))
         if epoch == start_epoch:
             order = order[start_batch * params.batch_size :]
         group: list[Batch] = []
-        for batch in batches(examples, params.batch_size, pad_id, order, params.pad_to_multiple_of):
+        for batch in collated(examples, order, params, pad_id, collate):
             group.append(batch)
             if len(group) == params.gradient_accumulation_steps:
                 yield epoch, group
                 group = []
         if group:
             yield epoch, group
+
+
+def collated(
+    examples: list[Example],
+    order: list[int],
+    params: FullFinetuneParams,
+    pad_id: int,
+    collate: Collate,
+) -> Iterator[Batch]:
+    """The examples of `order`, `params.batch_size` at a time, each group made one batch."""
+    for start in range(0, len(order), params.batch_size):
+        chunk = [examples[i] for i in order[start : start + params.batch_size]]
+        yield collate(chunk, pad_id, params.pad_to_multiple_of)
 
 
 @dataclass
@@ -265,22 +130,35 @@ class StepResult:
     finite: bool = True  # False: NaN/inf loss or gradient, and the weights were not updated
 
 
+def next_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of each labelled token given the tokens before it, summed."""
+    return model(batch.inputs, batch.targets)
+
+
+def on_device(batch: B, device: torch.device) -> B:
+    """`batch` with each of its tensors on `device` (a recipe's own batches may hold others)."""
+    moved = {
+        f.name: value.to(device, non_blocking=True)
+        for f in dataclasses.fields(batch)
+        if isinstance(value := getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, **moved)
+
+
 def train_step(
     model: Llama,
     micro_batches: list[Batch],
     optimizer: torch.optim.Optimizer,
     params: FullFinetuneParams,
     device: torch.device,
+    loss_fn: LossFn = next_token_loss,
 ) -> StepResult:
     """One optimizer step over `micro_batches`, the loss averaged over all their labelled tokens."""
-    n_targets = max(1, sum(b.n_targets for b in micro_batches))
+    n_targets = max(1, ranks.sum_over_ranks(sum(b.n_targets for b in micro_batches)))
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches:
-        inputs = batch.inputs.to(device, non_blocking=True)
-        targets = batch.targets.to(device, non_blocking=True)
         with autocast(device, params.dtype):
-            hidden = model.hidden_states(inputs)
-            loss = chunked_cross_entropy(hidden, output_weight(model), targets)
+            loss = loss_fn(model, on_device(batch, device))
         (loss / n_targets).backward()
         loss_sum += loss.detach()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -292,37 +170,17 @@ def train_step(
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n_tokens = sum(b.n_tokens for b in micro_batches)
+    n_tokens = ranks.sum_over_ranks(sum(b.n_tokens for b in micro_batches))
     return StepResult(loss, norm, n_tokens, finite)
 
 
-def split_validation(
-    examples: list[Example], params: FullFinetuneParams
-) -> tuple[list[Example], list[Example]]:
-    """(training, validation) examples: `dataset.val_split` of `examples`, or `dataset.val_path`.
-
-    Empty validation when neither is set. The validation file is tokenized like the training one.
-    """
-    cfg = params.dataset
-    if cfg.val_split:
-        train_examples, val_examples = split_examples(examples, cfg.val_split, params.seed)
-    elif cfg.val_path:
-        tokenizer = Tokenizer(Path(params.tokenizer))
-        train_examples = examples
-        val_examples = load_dataset(cfg, tokenizer, params.max_seq_len, path=cfg.val_path)
-    else:
-        return examples, []
-    log.info(
-        "training on %d examples, validating on %d (%s)",
-        len(train_examples),
-        len(val_examples),
-        cfg.val_path or f"val_split={cfg.val_split}",
-    )
-    return train_examples, val_examples
-
-
 def evaluate(
-    model: Llama, examples: list[Example], params: FullFinetuneParams, pad_id: int
+    model: Llama,
+    examples: list[Example],
+    params: FullFinetuneParams,
+    pad_id: int,
+    loss_fn: LossFn = next_token_loss,
+    collate: Collate = collate,
 ) -> float:
     """Mean loss over every labelled token of `examples`, weights and training RNG untouched.
 
@@ -337,14 +195,9 @@ def evaluate(
     n_targets = 0
     order = list(range(len(examples)))
     with torch.no_grad():
-        # Detached: the loss computes its gradients in the forward pass for every input that
-        # requires them, which no_grad alone does not switch off.
-        weight = output_weight(model).detach()
-        for batch in batches(examples, params.batch_size, pad_id, order, params.pad_to_multiple_of):
+        for batch in collated(examples, order, params, pad_id, collate):
             with autocast(device, params.dtype):
-                hidden = model.hidden_states(batch.inputs.to(device, non_blocking=True))
-                targets = batch.targets.to(device, non_blocking=True)
-                loss_sum += chunked_cross_entropy(hidden, weight, targets)
+                loss_sum += loss_fn(model, on_device(batch, device))
             n_targets += batch.n_targets
     model.train(was_training)
     if n_targets == 0:
@@ -352,36 +205,31 @@ def evaluate(
     return float(loss_sum) / n_targets
 
 
-def should_stop_early(state: TrainingState, val_loss: float, patience: int) -> bool:
-    """Record a validation pass after `state.step`; True once `patience` passes in a row have not
-    improved on the best val_loss (patience 0 never stops). The counters live in the checkpointed
-    state, so a resumed run stops where an uninterrupted one would."""
-    state.val_loss = val_loss
-    if val_loss < state.best_val_loss:
-        state.best_val_loss, state.best_step, state.evals_without_improvement = (
-            val_loss,
-            state.step,
-            0,
-        )
-    else:
-        state.evals_without_improvement += 1
-    return 0 < patience <= state.evals_without_improvement
-
-
-def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad_id: int) -> float:
-    """Run the training loop on `examples`, less any held-out validation part.
+def train(
+    model: Llama,
+    examples: list[Example],
+    params: FullFinetuneParams,
+    tokenizer: Tokenizer,
+    saved_bytes: int,
+    loss_fn: LossFn = next_token_loss,
+    collate: Collate = collate,
+) -> float:
+    """Run the training loop on `examples`, less any held-out validation part, with the
+    recipe's `loss_fn` on batches made by its `collate`. `saved_bytes`, the size of what the
+    recipe saves when the loop ends, counts in the disk space checked before the first step.
 
     Returns the last validation loss when there is validation data (the number worth comparing
     between runs, e.g. in a sweep), else the mean training loss over the last 10 % of the steps
     (see `late_loss`): one step's loss is too noisy to compare runs by.
     """
-    examples, val_examples = split_validation(examples, params)
+    examples, val_examples = split_validation(examples, params, tokenizer)
+    pad_id = tokenizer.pad_id
     device = next(model.parameters()).device
     steps = total_steps(params, len(examples))
     warn_if_data_runs_out(params, len(examples))
     optimizer = build_optimizer(model, params.lr, params.weight_decay)
     output_dir = Path(params.output_dir)
-    recipe = recipe_name(params)
+    recipe = recipe_of(params).name
     if params.warmup_steps >= steps:
         log.warning(
             "warmup_steps=%d is not below the run's %d steps: the learning rate never reaches "
@@ -394,11 +242,11 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
     if is_resuming(params.resume):
         state = resume(params, recipe, model, optimizer, len(examples), steps)
     # The schedule is a function of the step, not saved: a resumed run rebuilds it at its step,
-    # over its own length (which may be longer than the checkpoint's run, see `resume`).
+    # over its own length (which may be longer than the checkpoint's run, see `resume.resume`).
     schedule = partial(lr_multiplier, warmup_steps=params.warmup_steps, total_steps=steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=state.step - 1)
     check_no_later_checkpoints(output_dir, state.step)
-    check_free_space(model, params, steps, len(checkpoint_dirs(output_dir)))
+    check_free_space(model, params, steps, len(checkpoint_dirs(output_dir)), saved_bytes)
     metrics_path = output_dir / "metrics.jsonl"
     # A resumed run continues the rows of the run it resumes, less those of the steps it redoes;
     # a new run in an old run's directory starts the file afresh.
@@ -410,7 +258,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
         every = params.save_every_n_steps
         # The last step is saved too, so that a finished run can be continued for longer.
         due = state.step % every == 0 or epoch_ended or state.step == steps if every else False
-        if not (stopping_now or due):
+        if not (stopping_now or due) or not ranks.writes_files():
             return None
         directory = step_dir(output_dir, state.step)
         state.rng = capture_rng()
@@ -424,20 +272,21 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
 
     def validate(step: int, epoch: int) -> float:
         started = time.perf_counter()
-        val_loss = evaluate(model, val_examples, params, pad_id)
+        val_loss = evaluate(model, val_examples, params, pad_id, loss_fn, collate)
         metrics.write_eval(step, epoch, val_loss, time.perf_counter() - started)
         return val_loss
 
     # Written only now that every input has been read and checked: a run that fails on bad input
     # leaves an earlier run's params.yaml in the same directory as it was.
-    (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
+    if ranks.writes_files():
+        (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
     model.train()
     metrics.start(elapsed_before=state.elapsed_s)
     if state.rng:
         # Last, so that the next dropout mask is the one the interrupted run would have drawn.
         restore_rng(state.rng)
     loss, tokens_since_log = math.nan, 0
-    data = optimizer_steps(examples, params, pad_id, state.epoch, state.batch_index)
+    data = optimizer_steps(examples, params, pad_id, state.epoch, state.batch_index, collate)
     stop = StopRequest(output_dir)
     with stop.installed():
         for epoch, micro_batches in data:
@@ -445,7 +294,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
                 break
             step = state.step + 1
             lr = scheduler.get_last_lr()[0]
-            result = train_step(model, micro_batches, optimizer, params, device)
+            result = train_step(model, micro_batches, optimizer, params, device, loss_fn)
             scheduler.step()
             loss = result.loss
             tokens_since_log += result.n_tokens
@@ -459,7 +308,8 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
             every = params.eval_every_n_steps
             if val_examples and (step == steps or (every and step % every == 0)):
                 val_loss = validate(step, epoch)
-                if should_stop_early(state, val_loss, params.early_stopping_patience):
+                no_progress = should_stop_early(state, val_loss, params.early_stopping_patience)
+                if ranks.any_rank(no_progress):
                     if tokens_since_log:  # the last step's row, which log_every_n_steps skipped
                         metrics.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
                     metrics.say(
@@ -469,7 +319,7 @@ def train(model: Llama, examples: list[Example], params: FullFinetuneParams, pad
                     )
                     break
             # A signal during the last step lets the run finish: its end is as near as a checkpoint.
-            stopping_now = stop.signum is not None and step < steps
+            stopping_now = ranks.any_rank(stop.signum is not None) and step < steps
             saved = save(epoch_ended, stopping_now)
             if stopping_now:
                 metrics.close()
@@ -491,100 +341,3 @@ def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFin
             "check the data, or set skip_nonfinite_steps=N"
         )
     return f"{what} is not finite; skipped the update ({skipped}/{allowed} allowed)"
-
-
-def recipe_name(params: FullFinetuneParams) -> str:
-    return next(name for name, cls in RECIPE_PARAMS.items() if type(params) is cls)
-
-
-def advance(
-    state: TrainingState,
-    epoch: int,
-    micro_batches: list[Batch],
-    n_tokens: int,
-    batches_per_epoch: int,
-) -> bool:
-    """Record one finished optimizer step in `state`; True when it ended an epoch."""
-    state.step += 1
-    state.tokens_seen += n_tokens
-    state.epoch = epoch
-    state.batch_index += len(micro_batches)
-    if state.batch_index >= batches_per_epoch:
-        state.epoch, state.batch_index = epoch + 1, 0
-    return state.batch_index == 0
-
-
-# What a resumed run cannot change: the data order and batches (batch_size, ..., max_seq_len),
-# and what the restored optimizer holds (lr, weight_decay) or the schedule's start (warmup).
-RESUME_SETTINGS = (
-    "batch_size",
-    "gradient_accumulation_steps",
-    "seed",
-    "shuffle",
-    "max_seq_len",
-    "lr",
-    "weight_decay",
-    "warmup_steps",
-)
-# What it can: the run's length, to train a finished run for longer (or end an unfinished one
-# sooner). The cosine decay is then recomputed over the new length.
-LENGTH_SETTINGS = ("epochs", "max_steps")
-
-
-def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool]:
-    return {key: getattr(params, key) for key in RESUME_SETTINGS + LENGTH_SETTINGS}
-
-
-def resume(
-    params: FullFinetuneParams,
-    recipe: str,
-    model: Llama,
-    optimizer: torch.optim.Optimizer,
-    n_examples: int,
-    steps: int,
-) -> TrainingState:
-    """Load the checkpoint `params.resume` names into `model` and `optimizer`; the training set
-    and the settings in RESUME_SETTINGS must be the ones it was saved with."""
-    directory = find_checkpoint(params.resume, Path(params.output_dir))
-    state = load_checkpoint_state(directory, recipe, model, optimizer)
-    if state.n_examples != n_examples:
-        raise UserError(
-            f"{directory}: saved from a run of {state.n_examples} training examples, "
-            f"this one has {n_examples}; resume needs the same data and val_split"
-        )
-    ours = resume_settings(params)
-    changed = [key for key in RESUME_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
-    if changed:
-        saved = ", ".join(f"{key}={state.settings[key]}" for key in changed)
-        now = ", ".join(f"{key}={ours[key]}" for key in changed)
-        raise UserError(
-            f"{directory}: saved with {saved}, but this run has {now}; resume with the "
-            "settings of the run it continues"
-        )
-    lengthened = [key for key in LENGTH_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
-    if lengthened and steps < state.step:
-        now = ", ".join(f"{key}={ours[key]}" for key in lengthened)
-        raise UserError(
-            f"{directory}: saved at step {state.step}, after the {count(steps, 'step')} of this "
-            f"run ({now}); resume with a larger max_steps or epochs"
-        )
-    print(f"resuming from {directory} at step {state.step}", flush=True)
-    if lengthened:
-        log.info(length_change(state, params, lengthened, steps))
-    # Later checkpoints record this run's length, so that resuming one changes nothing again.
-    state.settings = ours
-    return state
-
-
-def length_change(
-    state: TrainingState, params: FullFinetuneParams, changed: list[str], steps: int
-) -> str:
-    """The log line of a resume that changes the run's length: what changed and the new lr."""
-    was = ", ".join(f"{key}={state.settings[key]}" for key in changed)
-    now = ", ".join(f"{key}={getattr(params, key)}" for key in changed)
-    lr = params.lr * lr_multiplier(state.step, params.warmup_steps, steps)
-    return (
-        f"{now} (the checkpoint's run had {was}): training runs to step {steps}; the learning "
-        f"rate follows the cosine schedule of a {steps}-step run, lr {lr:.3e} at step "
-        f"{state.step + 1}"
-    )

@@ -1,1 +1,2 @@
-"""Recipes: one module each, a `run(params) -> float` function holding the whole run."""
+"""Recipes: one module each, named as its `conf/recipe/` option and registered in
+`config.RECIPES`, whose `run(params) -> float` outlines the run around the shared loop."""

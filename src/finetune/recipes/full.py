@@ -6,14 +6,23 @@ from pathlib import Path
 
 import torch
 
+from finetune import ranks
 from finetune.checkpoint import load_checkpoint
 from finetune.config import FullFinetuneParams
 from finetune.metrics import plot_metrics
+from finetune.model import Llama
+from finetune.outputs import model_bytes
 from finetune.parallel import prepare_model
-from finetune.training import explains_out_of_memory, log_model, save_model, start_run, train
+from finetune.runs import explains_out_of_memory, log_model, save_model, start_run
+from finetune.training import train
 
 
-@explains_out_of_memory
+def memory_tips(params: FullFinetuneParams) -> list[str]:
+    """What this recipe adds to the out-of-memory advice: LoRA trains a fraction of the weights."""
+    return ["recipe=lora"]
+
+
+@explains_out_of_memory(memory_tips)
 def run(params: FullFinetuneParams) -> float:
     """Fine-tune `params.checkpoint` on `params.dataset`; returns the final validation loss
     (the training loss when there is no validation data)."""
@@ -23,9 +32,15 @@ def run(params: FullFinetuneParams) -> float:
     prepare_model(model, params)
     log_model(model, params, len(examples))
 
-    final_loss = train(model, examples, params, tokenizer.pad_id)
+    final_loss = train(model, examples, params, tokenizer, saved_bytes(model, params))
 
-    out_dir = Path(params.output_dir)
-    save_model(model, params, tokenizer, out_dir / "model")
-    plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    if ranks.writes_files():
+        out_dir = Path(params.output_dir)
+        save_model(model, params, tokenizer, out_dir / "model")
+        plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
     return final_loss
+
+
+def saved_bytes(model: Llama, params: FullFinetuneParams) -> int:
+    """The size of what `run` saves once trained: the model."""
+    return model_bytes(model, params)

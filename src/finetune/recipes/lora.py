@@ -13,19 +13,27 @@ from pathlib import Path
 
 import torch
 
+from finetune import ranks
 from finetune.checkpoint import load_checkpoint
 from finetune.config import DType, LoraFinetuneParams
 from finetune.lora import apply_lora, merge_lora
 from finetune.metrics import plot_metrics
-from finetune.outputs import atomic_directory
+from finetune.model import Llama
+from finetune.outputs import atomic_directory, model_bytes
 from finetune.parallel import prepare_model
 from finetune.peft_format import load_adapter, save_adapter
-from finetune.training import explains_out_of_memory, log_model, save_model, start_run, train
+from finetune.runs import explains_out_of_memory, log_model, save_model, start_run
+from finetune.training import train
 
 log = logging.getLogger(__name__)
 
 
-@explains_out_of_memory
+def memory_tips(params: LoraFinetuneParams) -> list[str]:
+    """What this recipe adds to the out-of-memory advice: QLoRA's 4-bit base, if not in use."""
+    return [] if params.lora.quantize_base else ["lora.quantize_base=true"]
+
+
+@explains_out_of_memory(memory_tips)
 def run(params: LoraFinetuneParams) -> float:
     """Train adapters on `params.checkpoint`; returns the final validation loss (the training
     loss when there is no validation data)."""
@@ -40,14 +48,22 @@ def run(params: LoraFinetuneParams) -> float:
     prepare_model(model, params)
     log_model(model, params, len(examples))
 
-    final_loss = train(model, examples, params, tokenizer.pad_id)
+    final_loss = train(model, examples, params, tokenizer, saved_bytes(model, params))
 
-    out_dir = Path(params.output_dir)
-    with atomic_directory(out_dir / "adapter") as tmp:
-        save_adapter(model, tmp, params.checkpoint, params.lora)
-    log.info("adapter saved to %s", out_dir / "adapter")
-    if params.save_merged:
-        merge_lora(model)
-        save_model(model, params, tokenizer, out_dir / "model")
-    plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    if ranks.writes_files():
+        out_dir = Path(params.output_dir)
+        with atomic_directory(out_dir / "adapter") as tmp:
+            save_adapter(model, tmp, params.checkpoint, params.lora)
+        log.info("adapter saved to %s", out_dir / "adapter")
+        if params.save_merged:
+            merge_lora(model)
+            save_model(model, params, tokenizer, out_dir / "model")
+        plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
     return final_loss
+
+
+def saved_bytes(model: Llama, params: LoraFinetuneParams) -> int:
+    """The size of what `run` saves once trained: the adapter's fp32 weights, and the merged
+    model unless save_merged=false."""
+    adapter = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return adapter + (model_bytes(model, params) if params.save_merged else 0)

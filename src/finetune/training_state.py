@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.data import Batch
 from finetune.errors import UserError
 from finetune.outputs import atomic_directory, restore_interrupted
 
@@ -42,7 +43,7 @@ class TrainingState:
     tokens_seen: int = 0
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient
     n_examples: int = 0  # the training set's size, to refuse a checkpoint of other data
-    # The settings a resumed run must share with the saved one (see training.RESUME_SETTINGS).
+    # The settings a resumed run must share with the saved one (see resume.RESUME_SETTINGS).
     settings: dict[str, float | int | bool] = field(default_factory=dict)
     elapsed_s: float = 0.0  # training time so far, so metrics' elapsed_s runs on after a resume
     # Validation and early stopping: the last val_loss, the best one, and the evaluations since.
@@ -228,3 +229,36 @@ def _load_trainable(path: Path, model: torch.nn.Module, saved: dict[str, torch.T
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
+
+
+def should_stop_early(state: TrainingState, val_loss: float, patience: int) -> bool:
+    """Record a validation pass after `state.step`; True once `patience` passes in a row have not
+    improved on the best val_loss (patience 0 never stops). The counters live in the checkpointed
+    state, so a resumed run stops where an uninterrupted one would."""
+    state.val_loss = val_loss
+    if val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step, state.evals_without_improvement = (
+            val_loss,
+            state.step,
+            0,
+        )
+    else:
+        state.evals_without_improvement += 1
+    return 0 < patience <= state.evals_without_improvement
+
+
+def advance(
+    state: TrainingState,
+    epoch: int,
+    micro_batches: list[Batch],
+    n_tokens: int,
+    batches_per_epoch: int,
+) -> bool:
+    """Record one finished optimizer step in `state`; True when it ended an epoch."""
+    state.step += 1
+    state.tokens_seen += n_tokens
+    state.epoch = epoch
+    state.batch_index += len(micro_batches)
+    if state.batch_index >= batches_per_epoch:
+        state.epoch, state.batch_index = epoch + 1, 0
+    return state.batch_index == 0

@@ -1,0 +1,95 @@
+"""Resuming a run from a training-state checkpoint: what a resumed run may change (its length)
+and what it must keep (the data order, the optimizer's settings), and the checks of both."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from finetune.config import FullFinetuneParams
+from finetune.errors import UserError
+from finetune.model import Llama
+from finetune.schedule import count, lr_multiplier
+from finetune.training_state import TrainingState, find_checkpoint, load_checkpoint_state
+
+log = logging.getLogger(__name__)
+
+
+# What a resumed run cannot change: the data order and batches (batch_size, ..., max_seq_len),
+# and what the restored optimizer holds (lr, weight_decay) or the schedule's start (warmup).
+RESUME_SETTINGS = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "shuffle",
+    "max_seq_len",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+)
+
+
+# What it can: the run's length, to train a finished run for longer (or end an unfinished one
+# sooner). The cosine decay is then recomputed over the new length.
+LENGTH_SETTINGS = ("epochs", "max_steps")
+
+
+def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool]:
+    return {key: getattr(params, key) for key in RESUME_SETTINGS + LENGTH_SETTINGS}
+
+
+def resume(
+    params: FullFinetuneParams,
+    recipe: str,
+    model: Llama,
+    optimizer: torch.optim.Optimizer,
+    n_examples: int,
+    steps: int,
+) -> TrainingState:
+    """Load the checkpoint `params.resume` names into `model` and `optimizer`; the training set
+    and the settings in RESUME_SETTINGS must be the ones it was saved with."""
+    directory = find_checkpoint(params.resume, Path(params.output_dir))
+    state = load_checkpoint_state(directory, recipe, model, optimizer)
+    if state.n_examples != n_examples:
+        raise UserError(
+            f"{directory}: saved from a run of {state.n_examples} training examples, "
+            f"this one has {n_examples}; resume needs the same data and val_split"
+        )
+    ours = resume_settings(params)
+    changed = [key for key in RESUME_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
+    if changed:
+        saved = ", ".join(f"{key}={state.settings[key]}" for key in changed)
+        now = ", ".join(f"{key}={ours[key]}" for key in changed)
+        raise UserError(
+            f"{directory}: saved with {saved}, but this run has {now}; resume with the "
+            "settings of the run it continues"
+        )
+    lengthened = [key for key in LENGTH_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
+    if lengthened and steps < state.step:
+        now = ", ".join(f"{key}={ours[key]}" for key in lengthened)
+        raise UserError(
+            f"{directory}: saved at step {state.step}, after the {count(steps, 'step')} of this "
+            f"run ({now}); resume with a larger max_steps or epochs"
+        )
+    print(f"resuming from {directory} at step {state.step}", flush=True)
+    if lengthened:
+        log.info(length_change(state, params, lengthened, steps))
+    # Later checkpoints record this run's length, so that resuming one changes nothing again.
+    state.settings = ours
+    return state
+
+
+def length_change(
+    state: TrainingState, params: FullFinetuneParams, changed: list[str], steps: int
+) -> str:
+    """The log line of a resume that changes the run's length: what changed and the new lr."""
+    was = ", ".join(f"{key}={state.settings[key]}" for key in changed)
+    now = ", ".join(f"{key}={getattr(params, key)}" for key in changed)
+    lr = params.lr * lr_multiplier(state.step, params.warmup_steps, steps)
+    return (
+        f"{now} (the checkpoint's run had {was}): training runs to step {steps}; the learning "
+        f"rate follows the cosine schedule of a {steps}-step run, lr {lr:.3e} at step "
+        f"{state.step + 1}"
+    )

@@ -1,0 +1,165 @@
+"""A run's start and end around the training loop: the checks and loading before it (seed,
+device, tokenized data, validation split), and the model saved after it, with the out-of-memory
+advice that wraps a whole recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import re
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from finetune.chat_format import LLAMA2_CHAT_TEMPLATE
+from finetune.checkpoint import output_dtype
+from finetune.config import Device, DType, FullFinetuneParams, OutputFormat
+from finetune.data import Example, load_dataset, split_examples
+from finetune.errors import UserError
+from finetune.hf_format import save_hf
+from finetune.meta_format import save_meta
+from finetune.model import Llama, count_parameters
+from finetune.outputs import atomic_directory, check_no_finished_run, check_writable
+from finetune.tokenizer import Tokenizer
+from finetune.training_state import check_resume_before_loading, is_resuming
+
+log = logging.getLogger(__name__)
+P = TypeVar("P", bound=FullFinetuneParams)
+
+
+def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
+    """What every recipe does first: seed, pick the device, tokenize the data."""
+    check_writable(Path(params.output_dir))
+    if not is_resuming(params.resume):  # a resumed run is meant to replace its model
+        check_no_finished_run(Path(params.output_dir))
+    check_resume_before_loading(params.resume, Path(params.output_dir))
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    tokenizer = Tokenizer(Path(params.tokenizer))
+    if not params.model.vocab_size:  # Meta's params.json leaves it to the tokenizer
+        params.model = dataclasses.replace(params.model, vocab_size=tokenizer.vocab_size)
+    tokenizer.check_vocab(params.model.vocab_size)
+    examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
+    return device, tokenizer, examples
+
+
+def log_model(model: Llama, params: FullFinetuneParams, n_examples: int) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(
+        "%s: %.1fM parameters (%.2fM trainable) on %s, %s; %d examples from %s",
+        params.checkpoint,
+        count_parameters(model) / 1e6,
+        trainable / 1e6,
+        next(model.parameters()).device,
+        params.dtype.value,
+        n_examples,
+        params.dataset.path,
+    )
+
+
+def save_model(
+    model: Llama, params: FullFinetuneParams, tokenizer: Tokenizer, out_dir: Path
+) -> None:
+    """The model in Hugging Face format (and Meta's with output_format=meta), in output_dtype."""
+    dtype = output_dtype(params.output_dtype, Path(params.checkpoint))
+    # Atomic, so a rerun in the same directory that fails (disk full) keeps the earlier model.
+    with atomic_directory(out_dir) as tmp:
+        save_hf(
+            model,
+            tmp,
+            tokenizer=tokenizer.path,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            dtype=dtype,
+            max_shard_bytes=params.max_shard_size_mb * 1_000_000,
+            chat_template=LLAMA2_CHAT_TEMPLATE if params.dataset.format == "chat" else "",
+        )
+    log.info("model saved to %s (%s)", out_dir, str(dtype).removeprefix("torch."))
+    if params.output_format is OutputFormat.meta:
+        meta_dir = out_dir.with_name(out_dir.name + "_meta")
+        with atomic_directory(meta_dir) as tmp:
+            save_meta(model, tmp, tokenizer.path, dtype)
+        log.info("Meta format copy saved to %s", meta_dir)
+
+
+def explains_out_of_memory(
+    recipe_tips: Callable[[P], list[str]],
+) -> Callable[[Callable[[P], float]], Callable[[P], float]]:
+    """Turn a recipe's GPU out-of-memory error into one line naming the settings that lower
+    memory: those of every run, and the recipe's own (`recipe_tips(params)`). Checkpoints
+    already saved stay as they are."""
+
+    def decorate(run: Callable[[P], float]) -> Callable[[P], float]:
+        @wraps(run)
+        def recipe(params: P) -> float:
+            try:
+                return run(params)
+            except torch.OutOfMemoryError as error:
+                message = out_of_memory_message(params, str(error), recipe_tips(params))
+                raise UserError(message) from None
+
+        return recipe
+
+    return decorate
+
+
+def out_of_memory_message(params: FullFinetuneParams, error: str, recipe_tips: list[str]) -> str:
+    tried = re.search(r"Tried to allocate [\d.]+ \w+", error)
+    what = f"out of GPU memory ({tried.group(0)})" if tried else "out of GPU memory"
+    tips = []
+    batch, accumulation = params.batch_size, params.gradient_accumulation_steps
+    if batch > 1:
+        smaller = batch // 2 if batch % 2 == 0 else 1
+        tips.append(
+            f"batch_size={smaller} with gradient_accumulation_steps="
+            f"{accumulation * batch // smaller} (the same effective batch)"
+        )
+    if not params.activation_checkpointing:
+        tips.append("activation_checkpointing=true")
+    if params.dtype is not DType.bf16:
+        tips.append("dtype=bf16")
+    tips += recipe_tips
+    tips.append(f"a max_seq_len below {params.max_seq_len}")
+    return f"{what}; settings that lower memory: {', '.join(tips)}"
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise UserError("device: cuda was requested but no CUDA device is available")
+    if device is Device.cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def split_validation(
+    examples: list[Example], params: FullFinetuneParams, tokenizer: Tokenizer
+) -> tuple[list[Example], list[Example]]:
+    """(training, validation) examples: `dataset.val_split` of `examples`, or `dataset.val_path`.
+
+    Empty validation when neither is set. The validation file is tokenized by `tokenizer`, as the
+    training data was.
+    """
+    cfg = params.dataset
+    if cfg.val_split:
+        train_examples, val_examples = split_examples(examples, cfg.val_split, params.seed)
+    elif cfg.val_path:
+        train_examples = examples
+        val_examples = load_dataset(cfg, tokenizer, params.max_seq_len, path=cfg.val_path)
+    else:
+        return examples, []
+    log.info(
+        "training on %d examples, validating on %d (%s)",
+        len(train_examples),
+        len(val_examples),
+        cfg.val_path or f"val_split={cfg.val_split}",
+    )
+    return train_examples, val_examples
