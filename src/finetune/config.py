@@ -3,7 +3,9 @@
 The dataclasses are registered in Hydra's ConfigStore as schemas (group `schema/...`); the YAML
 files in `conf/` extend them through their defaults lists, so composition type-checks every value.
 `OmegaConf.to_object` then builds the dataclass, which runs `__post_init__`: all validation lives
-there. This module imports no torch, so `--help` and `--cfg job` stay fast.
+there. A field's own bounds are declared with it (`option(4, "...", ge=1)`) and checked by one
+loop, `check_bounds`; checks that relate fields or read files are written out in `__post_init__`.
+This module imports no torch, so `--help` and `--cfg job` stay fast.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def option(
     `ge`, `gt`, `lt` and `choices` are checked by `check_bounds`, which the dataclass's
     `__post_init__` calls; `note` is added to the bound's message (why the bound is what it is).
     """
-    if lt is not None and ge is None:
-        raise TypeError("lt= needs ge=: a bound from above alone reads as [?, lt)")
+    # The forms the messages can say: `>= ge`, `> gt`, `in [ge, lt)`.
+    if (lt is not None and ge is None) or (gt is not None and (ge, lt) != (None, None)):
+        raise TypeError("a bound is ge=, gt=, or ge= with lt=")
     bounds = {"ge": ge, "gt": gt, "lt": lt, "choices": choices, "note": note}
     metadata = {"help": doc, **{k: v for k, v in bounds.items() if v is not None and v != ""}}
     if factory is not None:
