@@ -154,6 +154,10 @@ def cases(ckpt: Path) -> list[Case]:
         Case("unknown_key", ("+nosuchkey=1",), "nosuchkey: unknown key"),
         Case("bad_enum", ("dtype=fp64",), "dtype: Invalid value 'fp64'"),
         Case("unknown_model", ("model=nosuch",), "model=nosuch: no such option"),
+        # The default tuning is skipped when absent; one given on the command line is not.
+        Case(
+            "unknown_tuning", ("tuning=nosuch",), "tuning=nosuch: no such option; available: tiny"
+        ),
         Case("seq_over_context", ("max_seq_len=100000",), "max_seq_len: must be <= model."),
         Case("eval_without_val", ("eval_every_n_steps=5",), "eval_every_n_steps: needs valid"),
         Case("lora_rank_zero", ("recipe=lora", "lora.rank=0"), "lora.rank: must be >= 1, got 0"),

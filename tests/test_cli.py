@@ -156,8 +156,15 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
     for field in ["lr ", "batch_size", "model.n_kv_heads", "dataset.column_map", "dtype"]:
         assert f"  {field}" in out
     assert "peak learning rate" in out and "(fp32|bf16)" in out
-    # The values a run would use: the default model=tiny sets lr, and overrides win.
-    assert re.search(r"\n  lr +0\.001 +peak learning rate", out)
+    # The tuning is picked by the model and recipe, and shown with the values a run would use:
+    # tuning/tiny_full sets lr, tiny_lora another lr, and overrides win.
+    assert re.search(r"\n  tuning +tiny_full, tiny_lora \(default: <model>_<recipe>, where", out)
+    assert re.search(
+        r"\n  lr +0\.001 +peak learning rate, reached after the warmup \(float, > 0\)", out
+    )
+    assert re.search(r"\n  batch_size +8 +sequences per micro-batch \(int, >= 1\)", out)
+    lora = run_cli("--help", "recipe=lora", cwd=tmp_path).stdout
+    assert re.search(r"\n  lr +0\.003 ", lora) and re.search(r"\n  lora\.rank +8 ", lora)
     assert re.search(r"\n  dtype +'fp32' +fp32, or bf16", out)
     overridden = run_cli("--help", "model=llama2", "lr=2e-5", cwd=tmp_path).stdout
     assert "values with model=llama2 lr=2e-5:" in overridden

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from enum import Enum
@@ -168,7 +169,11 @@ def help_text(argv: list[str]) -> str:
     ]
     for group, options in group_options().items():
         marked = [f"{o}*" if defaults.get(group) == o else o for o in options]
-        lines.append(f"  {group:<15} {', '.join(marked)}")
+        # An option picked by other groups' choices, e.g. tuning: ${model}_${recipe}.
+        picked = defaults.get(group) or ""
+        shown = re.sub(r"\$\{(\w+)\}", r"<\1>", picked)
+        by = f" (default: {shown}, where it exists)" if shown != picked else ""
+        lines.append(f"  {group:<15} {', '.join(marked)}{by}")
     overrides = split_flags(argv)[1]
     values = _composed_values(overrides)
     given = f" with {' '.join(overrides)}" if overrides else ""
@@ -221,11 +226,12 @@ def _composed_values(overrides: list[str]) -> dict[str, str]:
 
 
 def _primary_defaults() -> dict[str, str]:
-    primary = OmegaConf.load(config_dir() / "config.yaml")
+    """Each group's default option as conf/config.yaml writes it (interpolations unresolved)."""
+    primary = OmegaConf.to_container(OmegaConf.load(config_dir() / "config.yaml").defaults)
     return {
-        k: v
-        for entry in primary.defaults
-        if isinstance(entry, DictConfig)
+        k.removeprefix("optional "): v
+        for entry in primary
+        if isinstance(entry, dict)
         for k, v in entry.items()
     }
 

@@ -3,13 +3,16 @@
 The dataclasses are registered in Hydra's ConfigStore as schemas (group `schema/...`); the YAML
 files in `conf/` extend them through their defaults lists, so composition type-checks every value.
 `OmegaConf.to_object` then builds the dataclass, which runs `__post_init__`: all validation lives
-there. This module imports no torch, so `--help` and `--cfg job` stay fast.
+there. A field's own bounds are declared with it (`option(4, "...", ge=1)`) and checked by one
+loop, `check_bounds`; checks that relate fields or read files are written out in `__post_init__`.
+This module imports no torch, so `--help` and `--cfg job` stay fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -31,11 +34,72 @@ def config_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
 
 
-def option(default: Any = None, doc: str = "", *, factory: Any = None) -> Any:
-    """A dataclass field whose one-line help (`doc`) shows in `--help`."""
+def option(
+    default: Any = None,
+    doc: str = "",
+    *,
+    factory: Any = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    note: str = "",
+) -> Any:
+    """A dataclass field whose one-line help (`doc`) shows in `--help`, with its bounds.
+
+    `ge`, `gt`, `lt` and `choices` are checked by `check_bounds`, which the dataclass's
+    `__post_init__` calls; `note` is added to the bound's message (why the bound is what it is).
+    """
+    # The forms the messages can say: `>= ge`, `> gt`, `in [ge, lt)`.
+    if (lt is not None and ge is None) or (gt is not None and (ge, lt) != (None, None)):
+        raise TypeError("a bound is ge=, gt=, or ge= with lt=")
+    bounds = {"ge": ge, "gt": gt, "lt": lt, "choices": choices, "note": note}
+    metadata = {"help": doc, **{k: v for k, v in bounds.items() if v is not None and v != ""}}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": doc})
-    return field(default=default, metadata={"help": doc})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_bounds(config: Any, prefix: str = "") -> None:
+    """Every field of the dataclass `config` within the bounds declared with it by `option`.
+
+    `prefix` is where `config` sits in the run's parameters (`lora.`), for the message's key.
+    """
+    for f in dataclasses.fields(config):
+        value, key = getattr(config, f.name), prefix + f.name
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(
+                key, f"unknown {f.name} {value!r}; expected one of: " + ", ".join(choices)
+            )
+        bound = bound_text(f.metadata)
+        if bound and not is_within(value, f.metadata):
+            note = f" ({f.metadata['note']})" if "note" in f.metadata else ""
+            raise ConfigError(key, f"must be {bound}{note}, got {value!r}")
+
+
+def bound_text(metadata: Mapping[str, Any]) -> str:
+    """A field's numeric bound as messages and `--help` say it: `>= 1`, `in [0, 1)`; "" if none."""
+    ge, gt, lt = metadata.get("ge"), metadata.get("gt"), metadata.get("lt")
+    if lt is not None:
+        return f"in [{_shown(ge)}, {_shown(lt)})"
+    if ge is not None:
+        return f">= {_shown(ge)}"
+    if gt is not None:
+        return f"> {_shown(gt)}"
+    return ""
+
+
+def is_within(value: float, metadata: Mapping[str, Any]) -> bool:
+    ge, gt, lt = metadata.get("ge"), metadata.get("gt"), metadata.get("lt")
+    return (ge is None or value >= ge) and (gt is None or value > gt) and (lt is None or value < lt)
+
+
+def _shown(bound: float) -> str:
+    """A bound as people write it: a seed's 2**32 rather than 4294967296."""
+    if isinstance(bound, int) and bound >= 2**16 and bound & (bound - 1) == 0:
+        return f"2**{bound.bit_length() - 1}"
+    return str(bound)
 
 
 class DType(Enum):
@@ -63,6 +127,11 @@ class Device(Enum):
     cuda = "cuda"
 
 
+def architecture_number(default: float, doc: str) -> Any:
+    """A field of the architecture: 0 (its null value) leaves it to the checkpoint."""
+    return option(default, doc, ge=0, note="0 takes the checkpoint's")
+
+
 @dataclass
 class ModelConfig:
     """Llama architecture. A field left at its null value (0, 0.0, false) is the checkpoint's,
@@ -70,15 +139,19 @@ class ModelConfig:
     that is set must match the checkpoint."""
 
     name: str = option("", "the model= option that set these fields (for messages); empty: auto")
-    vocab_size: int = option(0, "tokens in the embedding and output layers")
-    dim: int = option(0, "width of the residual stream (hidden_size)")
-    n_layers: int = option(0, "transformer blocks")
-    n_heads: int = option(0, "attention (query) heads")
-    n_kv_heads: int = option(0, "key/value heads; fewer than n_heads is grouped-query attention")
-    ffn_dim: int = option(0, "hidden width of the SwiGLU feed-forward (intermediate_size)")
-    norm_eps: float = option(0.0, "RMSNorm epsilon")
-    rope_theta: float = option(0.0, "rotary embedding base")
-    context_length: int = option(
+    vocab_size: int = architecture_number(0, "tokens in the embedding and output layers")
+    dim: int = architecture_number(0, "width of the residual stream (hidden_size)")
+    n_layers: int = architecture_number(0, "transformer blocks")
+    n_heads: int = architecture_number(0, "attention (query) heads")
+    n_kv_heads: int = architecture_number(
+        0, "key/value heads; fewer than n_heads is grouped-query attention"
+    )
+    ffn_dim: int = architecture_number(
+        0, "hidden width of the SwiGLU feed-forward (intermediate_size)"
+    )
+    norm_eps: float = architecture_number(0.0, "RMSNorm epsilon")
+    rope_theta: float = architecture_number(0.0, "rotary embedding base")
+    context_length: int = architecture_number(
         0, "longest sequence: the checkpoint's max_position_embeddings, more with extend_context"
     )
     tie_word_embeddings: bool = option(
@@ -86,10 +159,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ARCHITECTURE_NUMBERS:
-            _require(
-                getattr(self, name) >= 0, f"model.{name}", UNSET_OR_POSITIVE, getattr(self, name)
-            )
+        check_bounds(self, "model.")
         if not self.is_complete:
             return  # checked again once the checkpoint has filled it in
         if self.dim % self.n_heads:
@@ -122,7 +192,6 @@ ARCHITECTURE_NUMBERS = (
     "rope_theta",
     "context_length",
 )
-UNSET_OR_POSITIVE = "must be >= 0 (0 takes the checkpoint's)"
 
 
 DATASET_FORMATS = ("alpaca", "chat")
@@ -147,7 +216,9 @@ class DatasetConfig:
 
     path: str = option("", "a .json (a list of records), .jsonl, .csv or .parquet file")
     format: str = option(
-        "alpaca", "alpaca: instruction/input/output records; chat: conversations (Llama-2 chat)"
+        "alpaca",
+        "alpaca: instruction/input/output records; chat: conversations (Llama-2 chat)",
+        choices=DATASET_FORMATS,
     )
     column_map: ColumnMap = option(doc="which record field holds each part", factory=ColumnMap)
     train_on_input: bool = option(
@@ -157,16 +228,15 @@ class DatasetConfig:
         "", "validation data: a second file in the same format; empty for none (or val_split)"
     )
     val_split: float = option(
-        0.0, "hold out this fraction of `path` for validation (seeded); 0 for none (or val_path)"
+        0.0,
+        "hold out this fraction of `path` for validation (seeded); 0 for none (or val_path)",
+        ge=0,
+        lt=1,
     )
 
     def __post_init__(self) -> None:
         self.path, self.val_path = absolute_path(self.path), absolute_path(self.val_path)
-        if self.format not in DATASET_FORMATS:
-            raise ConfigError(
-                "dataset.format",
-                f"unknown format {self.format!r}; expected one of: " + ", ".join(DATASET_FORMATS),
-            )
+        check_bounds(self, "dataset.")
         for key, path in (("dataset.path", self.path), ("dataset.val_path", self.val_path)):
             # A CSV cell holds text, not a list of messages.
             if self.format == "chat" and Path(path).suffix == ".csv":
@@ -175,7 +245,6 @@ class DatasetConfig:
                     f"a CSV file holds Alpaca records only, not chat conversations: {path}; "
                     "use a .json, .jsonl or .parquet file for dataset.format=chat",
                 )
-        _require(0 <= self.val_split < 1, "dataset.val_split", "must be in [0, 1)", self.val_split)
         if self.val_path and self.val_split:
             raise ConfigError(
                 "dataset.val_split",
@@ -205,42 +274,48 @@ class FullFinetuneParams:
         "", "tokenizer.model (SentencePiece) or tokenizer.json; defaults to the checkpoint's"
     )
     output_dir: str = option("", "where metrics, plots and the model go; Hydra's run directory")
-    lr: float = option(2e-5, "peak learning rate, reached after the warmup")
-    warmup_steps: int = option(0, "optimizer steps of linear warmup before the cosine decay")
-    weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 disables clipping")
-    batch_size: int = option(4, "sequences per micro-batch")
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    epochs: int = option(1, "passes over the dataset")
-    max_steps: int = option(0, "stop after this many optimizer steps; 0 means no limit")
-    max_seq_len: int = option(512, "truncate longer sequences to this many tokens")
+    lr: float = option(2e-5, "peak learning rate, reached after the warmup", gt=0)
+    warmup_steps: int = option(0, "optimizer steps of linear warmup before the cosine decay", ge=0)
+    weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only", ge=0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 disables clipping", ge=0)
+    batch_size: int = option(4, "sequences per micro-batch", ge=1)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
+    epochs: int = option(1, "passes over the dataset", ge=1)
+    max_steps: int = option(0, "stop after this many optimizer steps; 0 means no limit", ge=0)
+    max_seq_len: int = option(512, "truncate longer sequences to this many tokens", ge=2)
     pad_to_multiple_of: int = option(
-        1, "round each batch's length up to a multiple of this (64 helps bf16 on the CPU)"
+        1, "round each batch's length up to a multiple of this (64 helps bf16 on the CPU)", ge=1
     )
     dtype: DType = option(DType.fp32, "fp32, or bf16 autocast over fp32 master weights")
-    seed: int = option(0, "seeds weights, shuffling and everything random")
+    seed: int = option(0, "seeds weights, shuffling and everything random", ge=0, lt=2**32)
     device: Device = option(Device.auto, "auto picks cuda when present, else cpu")
     shuffle: bool = option(True, "shuffle the data every epoch (seeded); false keeps file order")
-    log_every_n_steps: int = option(1, "optimizer steps between progress lines and metrics rows")
+    log_every_n_steps: int = option(
+        1, "optimizer steps between progress lines and metrics rows", ge=1
+    )
     eval_every_n_steps: int = option(
-        0, "optimizer steps between validation passes; 0: only at the end (needs validation data)"
+        0,
+        "optimizer steps between validation passes; 0: only at the end (needs validation data)",
+        ge=0,
     )
     early_stopping_patience: int = option(
-        0, "stop after this many validation passes without a lower val_loss; 0 disables"
+        0, "stop after this many validation passes without a lower val_loss; 0 disables", ge=0
     )
     save_every_n_steps: int = option(
-        0, "optimizer steps between training-state checkpoints (and one per epoch); 0 disables"
+        0,
+        "optimizer steps between training-state checkpoints (and one per epoch); 0 disables",
+        ge=0,
     )
-    keep_last_n: int = option(2, "training-state checkpoints kept, the newest; 0 keeps all")
+    keep_last_n: int = option(2, "training-state checkpoints kept, the newest; 0 keeps all", ge=0)
     resume: str = option(
         "",
         "continue a run: true (newest checkpoint of output_dir; with hydra.run.dir=<old run>), "
         "or a checkpoint or run directory",
     )
     skip_nonfinite_steps: int = option(
-        0, "skip (no update) up to this many steps with a NaN/inf loss or gradient; 0: stop"
+        0, "skip (no update) up to this many steps with a NaN/inf loss or gradient; 0: stop", ge=0
     )
-    max_shard_size_mb: int = option(5000, "split the saved model.safetensors above this size")
+    max_shard_size_mb: int = option(5000, "split the saved model.safetensors above this size", ge=1)
     activation_checkpointing: bool = option(
         False, "recompute each block's activations in the backward pass: less memory, more time"
     )
@@ -261,58 +336,7 @@ class FullFinetuneParams:
         self.output_dir = absolute_path(self.output_dir)
         if self.resume.lower() not in RESUME_WORDS:
             self.resume = absolute_path(self.resume)
-        _require(self.lr > 0, "lr", "must be > 0", self.lr)
-        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
-        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", self.max_grad_norm)
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
-        _require(
-            self.gradient_accumulation_steps >= 1,
-            "gradient_accumulation_steps",
-            "must be >= 1",
-            self.gradient_accumulation_steps,
-        )
-        _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
-        _require(self.max_steps >= 0, "max_steps", "must be >= 0", self.max_steps)
-        _require(self.max_seq_len >= 2, "max_seq_len", "must be >= 2", self.max_seq_len)
-        _require(
-            self.pad_to_multiple_of >= 1,
-            "pad_to_multiple_of",
-            "must be >= 1",
-            self.pad_to_multiple_of,
-        )
-        _require(
-            self.log_every_n_steps >= 1, "log_every_n_steps", "must be >= 1", self.log_every_n_steps
-        )
-        _require(
-            self.max_shard_size_mb >= 1, "max_shard_size_mb", "must be >= 1", self.max_shard_size_mb
-        )
-        _require(
-            self.eval_every_n_steps >= 0,
-            "eval_every_n_steps",
-            "must be >= 0",
-            self.eval_every_n_steps,
-        )
-        _require(
-            self.early_stopping_patience >= 0,
-            "early_stopping_patience",
-            "must be >= 0",
-            self.early_stopping_patience,
-        )
-        _require(
-            self.save_every_n_steps >= 0,
-            "save_every_n_steps",
-            "must be >= 0",
-            self.save_every_n_steps,
-        )
-        _require(
-            self.skip_nonfinite_steps >= 0,
-            "skip_nonfinite_steps",
-            "must be >= 0",
-            self.skip_nonfinite_steps,
-        )
-        _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)", self.seed)
-        _require(self.keep_last_n >= 0, "keep_last_n", "must be >= 0", self.keep_last_n)
+        check_bounds(self)
         if self.resume and self.resume.lower() not in RESUME_WORDS:
             _require_dir(self.resume, "resume")
         for key in ("eval_every_n_steps", "early_stopping_patience"):
@@ -410,9 +434,9 @@ LORA_TARGETS = (
 class LoraConfig:
     """Low-rank adapters: W x + (alpha / rank) * B A x, with W frozen."""
 
-    rank: int = option(8, "rank r of the adapters A (r x in) and B (out x r)")
-    alpha: float = option(16.0, "the update is scaled by alpha / rank")
-    dropout: float = option(0.05, "dropout on the adapters' input")
+    rank: int = option(8, "rank r of the adapters A (r x in) and B (out x r)", ge=1)
+    alpha: float = option(16.0, "the update is scaled by alpha / rank", gt=0)
+    dropout: float = option(0.05, "dropout on the adapters' input", ge=0, lt=1)
     targets: list[str] = option(
         doc=f"layers to adapt, any of: {', '.join(LORA_TARGETS)}",
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -434,9 +458,7 @@ class LoraConfig:
                 "lora.targets",
                 f"unknown {', '.join(map(repr, unknown))}; valid names: {', '.join(LORA_TARGETS)}",
             )
-        _require(self.rank >= 1, "lora.rank", "must be >= 1", self.rank)
-        _require(self.alpha > 0, "lora.alpha", "must be > 0", self.alpha)
-        _require(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)", self.dropout)
+        check_bounds(self, "lora.")
 
 
 @dataclass
@@ -445,7 +467,7 @@ class LoraFinetuneParams(FullFinetuneParams):
 
     lora: LoraConfig = option(doc="the adapters", factory=LoraConfig)
     # Adapters start at zero and are small: they want a larger step than full fine-tuning.
-    lr: float = option(3e-4, "peak learning rate, reached after the warmup")
+    lr: float = option(3e-4, "peak learning rate, reached after the warmup", gt=0)
     adapter: str = option("", "an adapter directory (PEFT layout) to continue training from")
     save_merged: bool = option(True, "also write model/: the base with the adapters merged in")
 
@@ -576,18 +598,24 @@ def reject_unknown_keys(cfg: DictConfig, prefix: str = "") -> None:
 
 
 def field_help(params: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(name, type, default, help) for every field, nested dataclasses flattened with dots."""
+    """(name, type and bounds, default, help) for every field, nested dataclasses flattened with
+    dots."""
     rows = []
     for f in dataclasses.fields(params):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             rows += field_help(type(default), f"{prefix}{f.name}.")
             continue
-        type_name = (
-            type(default).__name__
-            if not isinstance(default, Enum)
-            else "|".join(m.value for m in type(default))
-        )
         shown = default.value if isinstance(default, Enum) else default
-        rows.append((prefix + f.name, type_name, repr(shown), f.metadata.get("help", "")))
+        kind = ", ".join(filter(None, [type_name(default, f.metadata), bound_text(f.metadata)]))
+        rows.append((prefix + f.name, kind, repr(shown), f.metadata.get("help", "")))
     return rows
+
+
+def type_name(default: Any, metadata: Mapping[str, Any]) -> str:
+    """A field's type for `--help`; an Enum's or a string's choices as `a|b`."""
+    if isinstance(default, Enum):
+        return "|".join(m.value for m in type(default))
+    if "choices" in metadata:
+        return "|".join(metadata["choices"])
+    return type(default).__name__

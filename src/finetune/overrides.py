@@ -131,7 +131,9 @@ def syntax_error(override: str, following: list[str], error: OverrideParseExcept
 
 
 def check_group_choices(parsed: list[Override], group_options: dict[str, list[str]]) -> None:
-    """A path given as a group's option (`dataset=data.jsonl`) says which field takes it."""
+    """A path given as a group's option (`dataset=data.jsonl`) says which field takes it; an
+    unknown option is refused here, as Hydra does, also for an optional group (`tuning=`), which
+    Hydra would skip in silence."""
     for override in parsed:
         group = override.key_or_group
         if group not in group_options or override.is_sweep_override():
@@ -139,13 +141,14 @@ def check_group_choices(parsed: list[Override], group_options: dict[str, list[st
         value = override.value()
         if not isinstance(value, str) or value in group_options[group]:
             continue
+        options = ", ".join(group_options[group])
         if "/" in value or Path(value).suffix:
             what, field = PATH_FIELDS.get(group, ("a path", f"a {group}.* field"))
-            options = ", ".join(group_options[group])
             raise UserError(
                 f"{group}={value}: {group}= picks an option ({options}); "
                 f"{what} goes in {field}={value}"
             )
+        raise UserError(f"{group}={value}: no such option; available: {options}")
 
 
 def choosing_checkpoint_without_model(parsed: list[Override]) -> bool:
