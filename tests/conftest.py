@@ -54,10 +54,12 @@ def model_overrides(cfg: ModelConfig) -> list[str]:
     return [f"model.{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)]
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """The config a run with `overrides` gets; `with_hydra` keeps Hydra's own node (`hydra.*`:
+    launcher, sweeper, run directories)."""
     register_schemas()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose("config", overrides=overrides)
+        return compose("config", overrides=overrides, return_hydra_config=with_hydra)
 
 
 def small_params(checkpoint: Path, out: Path, *overrides: str) -> FullFinetuneParams:
