@@ -7,7 +7,6 @@ option `hydra/launcher=parallel`), so a new YAML file is tested without touching
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.conftest import (
     SAMPLE_DATA,
     SMALL_MODEL,
     compose_config,
+    metrics_rows,
     model_overrides,
     run_cli,
 )
@@ -122,7 +122,7 @@ def test_every_config_option_trains_two_steps(
     )
     final_loss = RECIPES[type(params)](params)
     assert math.isfinite(final_loss) and final_loss > 0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[-1]["loss"] == pytest.approx(final_loss)
     assert (tmp_path / "model" / "model.safetensors").is_file()
@@ -140,9 +140,7 @@ def run_through_the_cli(group: str, option: str, small_checkpoint: Path, tmp_pat
     assert result.returncode == 0, result.stderr
     recorded = OmegaConf.load(sweep_dir / "0" / ".hydra" / "hydra.yaml")
     assert recorded.hydra.launcher._target_ == launcher
-    rows = [
-        json.loads(line) for line in (sweep_dir / "0" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = metrics_rows(sweep_dir / "0")
     assert [r["step"] for r in rows] == [1, 2]
     assert (sweep_dir / "0" / "model" / "model.safetensors").is_file()
 

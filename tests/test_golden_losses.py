@@ -15,7 +15,7 @@ import pytest
 
 from finetune.__main__ import RECIPES
 from finetune.config import build_params
-from tests.conftest import compose_config
+from tests.conftest import compose_config, logged_losses
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 STEPS = 5
@@ -27,8 +27,7 @@ def first_losses(recipe: str, out: Path) -> list[float]:
     overrides = [f"recipe={recipe}", f"output_dir={out}", f"max_steps={STEPS}", "device=cpu"]
     params = build_params(compose_config([*overrides, "log_every_n_steps=1", "dtype=fp32"]))
     RECIPES[type(params)](params)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
+    return [loss for _, loss in logged_losses(out)]
 
 
 @pytest.mark.parametrize("recipe", ["full", "lora"])

@@ -23,7 +23,7 @@ from finetune.training import (
     total_steps,
     train_step,
 )
-from tests.conftest import SMALL_MODEL, write_jsonl
+from tests.conftest import SMALL_MODEL, small_model, write_jsonl
 
 CPU = torch.device("cpu")
 VOCAB, DIM = 50, 16
@@ -328,12 +328,6 @@ def labelled_example(length: int, prompt: int, seed: int) -> Example:
     return Example(tokens, [IGNORE_INDEX] * prompt + tokens[prompt:])
 
 
-def trained_model(seed: int = 0) -> Llama:
-    model = Llama(SMALL_MODEL)
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model
-
-
 def mean_loss_gradients(model: Llama, batch: Batch) -> tuple[float, dict[str, torch.Tensor]]:
     """The reference: mean token cross-entropy of the full logits over all labelled targets."""
     model = copy.deepcopy(model)
@@ -356,7 +350,7 @@ def test_accumulated_micro_batches_step_like_one_batch_of_all_of_them(
     # Different numbers of labelled tokens: averaging each micro-batch's mean would differ.
     assert batch_a.n_targets != batch_b.n_targets
 
-    model_accumulated = trained_model()
+    model_accumulated = small_model()
     model_single = copy.deepcopy(model_accumulated)
     before = copy.deepcopy(model_accumulated.state_dict())
     ref_loss, ref_grads = mean_loss_gradients(model_accumulated, batch_ab)
@@ -392,7 +386,7 @@ def test_train_step_clips_the_gradient_norm_and_reports_it_unclipped(
 ) -> None:
     params = make_params(small_checkpoint, tmp_path, max_grad_norm=0.01)
     batch = collate([labelled_example(12, 3, seed=1), labelled_example(7, 2, seed=2)], 0)
-    model = trained_model()
+    model = small_model()
     before = [p.detach().clone() for p in model.parameters()]
 
     result = train_step(model, [batch], torch.optim.SGD(model.parameters(), lr=1.0), params, CPU)
@@ -409,7 +403,7 @@ def test_train_step_under_bf16_keeps_fp32_weights_and_a_close_loss(
     batch = collate([labelled_example(12, 3, seed=1), labelled_example(7, 2, seed=2)], 0)
     results = {}
     for dtype in (DType.fp32, DType.bf16):
-        model = trained_model()
+        model = small_model()
         params = make_params(small_checkpoint, tmp_path, dtype=dtype)
         optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.0)
         results[dtype] = train_step(model, [batch], optimizer, params, CPU)
