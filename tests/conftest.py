@@ -1,4 +1,5 @@
-"""Shared test helpers: composing the real config, small random checkpoints, running the CLI."""
+"""Shared test helpers: composing the real config, small random models and checkpoints, random
+tokens, reading a run's metrics.jsonl, running the CLI."""
 
 from __future__ import annotations
 
@@ -54,10 +55,12 @@ def model_overrides(cfg: ModelConfig) -> list[str]:
     return [f"model.{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)]
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """The config a run with `overrides` gets; `with_hydra` keeps Hydra's own node (`hydra.*`:
+    launcher, sweeper, run directories)."""
     register_schemas()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose("config", overrides=overrides)
+        return compose("config", overrides=overrides, return_hydra_config=with_hydra)
 
 
 def small_params(checkpoint: Path, out: Path, *overrides: str) -> FullFinetuneParams:
@@ -81,10 +84,27 @@ def small_params(checkpoint: Path, out: Path, *overrides: str) -> FullFinetunePa
     )
 
 
-def write_checkpoint(directory: Path, cfg: ModelConfig = SMALL_MODEL, seed: int = 0) -> Path:
-    """A randomly initialised model in finetune's output format, with the shipped tokenizer."""
+def small_model(seed: int = 0, cfg: ModelConfig = SMALL_MODEL) -> Llama:
+    """A model of `cfg` with finetune's random initialisation, the same for the same seed."""
     model = Llama(cfg)
     model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+def random_tokens(
+    shape: tuple[int, ...] = (2, 16), seed: int = 1, cfg: ModelConfig = SMALL_MODEL
+) -> torch.Tensor:
+    """Token ids drawn uniformly from `cfg`'s vocabulary, the same for the same seed."""
+    return torch.randint(0, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def write_checkpoint(directory: Path, cfg: ModelConfig = SMALL_MODEL, seed: int = 0) -> Path:
+    """A randomly initialised model in finetune's output format, with the shipped tokenizer."""
+    model = small_model(seed, cfg)
     save_hf(model, directory, tokenizer=TINY_TOKENIZER, bos_id=1, eos_id=2, dtype=torch.float32)
     return directory
 
@@ -92,6 +112,16 @@ def write_checkpoint(directory: Path, cfg: ModelConfig = SMALL_MODEL, seed: int 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """Every row of a run's metrics.jsonl, training and validation rows alike, in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training row of a run's metrics.jsonl."""
+    return [(row["step"], row["loss"]) for row in metrics_rows(run_dir) if "loss" in row]
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

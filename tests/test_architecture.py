@@ -25,6 +25,7 @@ from tests.conftest import (
     TINY_CHECKPOINT,
     TINY_TOKENIZER,
     compose_config,
+    random_tokens,
     write_checkpoint,
     write_jsonl,
 )
@@ -80,15 +81,9 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
         return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
 
 
-def random_tokens() -> torch.Tensor:
-    return torch.randint(
-        0, SMALL_MODEL.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1)
-    )
-
-
 @torch.no_grad()
 def logits_diff(ours: torch.nn.Module, theirs: torch.nn.Module) -> float:
-    tokens = random_tokens()
+    tokens = random_tokens((2, 17))
     return (ours.eval()(tokens) - theirs.eval()(tokens).logits).abs().max().item()
 
 

@@ -148,12 +148,44 @@ def cases(ckpt: Path) -> list[Case]:
     reads = partial(Case, reads_inputs=True)
     return [
         # Overrides: caught while composing or validating the config, before anything is read.
-        Case("float_not_a_number", ("lr=abc",), "lr: Value 'abc' of type 'str' could not be"),
+        Case(
+            "float_not_a_number",
+            ("lr=abc",),
+            "lr: Value 'abc' of type 'str' could not be converted to Float",
+        ),
+        Case(
+            "int_not_a_number",
+            ("recipe=lora", "lora.rank=abc"),
+            "lora.rank: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
         Case("negative_lr", ("lr=-1",), "lr: must be > 0, got -1.0"),
         Case("zero_batch", ("batch_size=0",), "batch_size: must be >= 1, got 0"),
-        Case("unknown_key", ("+nosuchkey=1",), "nosuchkey: unknown key"),
-        Case("bad_enum", ("dtype=fp64",), "dtype: Invalid value 'fp64'"),
-        Case("unknown_model", ("model=nosuch",), "model=nosuch: no such option"),
+        Case(
+            "unknown_key", ("+nosuchkey=1",), "nosuchkey: unknown key; valid keys: model, dataset"
+        ),
+        Case(
+            "unknown_model_key",
+            ("+model.typo=1",),
+            "model.typo: unknown key; valid keys: name, vocab_size, dim, n_layers",
+        ),
+        Case(
+            "bad_enum", ("dtype=fp64",), "dtype: Invalid value 'fp64', expected one of [fp32, bf16]"
+        ),
+        Case(
+            "bad_device",
+            ("device=tpu",),
+            "device: Invalid value 'tpu', expected one of [auto, cpu, cuda]",
+        ),
+        Case(
+            "unknown_model",
+            ("model=nosuch",),
+            "model=nosuch: no such option; available: auto, llama2, llama2_13b, llama2_70b, tiny",
+        ),
+        Case(
+            "unknown_recipe",
+            ("recipe=nosuch",),
+            "recipe=nosuch: no such option; available: full, lora",
+        ),
         # The default tuning is skipped when absent; one given on the command line is not.
         Case(
             "unknown_tuning", ("tuning=nosuch",), "tuning=nosuch: no such option; available: tiny"
@@ -161,7 +193,19 @@ def cases(ckpt: Path) -> list[Case]:
         Case("seq_over_context", ("max_seq_len=100000",), "max_seq_len: must be <= model."),
         Case("eval_without_val", ("eval_every_n_steps=5",), "eval_every_n_steps: needs valid"),
         Case("lora_rank_zero", ("recipe=lora", "lora.rank=0"), "lora.rank: must be >= 1, got 0"),
-        Case("lora_target", ("recipe=lora", "lora.targets=[nope]"), "lora.targets: unknown 'nope'"),
+        Case(
+            "lora_target",
+            ("recipe=lora", "lora.targets=[q_proj,nope]"),
+            "lora.targets: unknown 'nope'; valid names: q_proj, k_proj",
+        ),
+        Case(
+            "lora_dropout",
+            ("recipe=lora", "lora.dropout=1.5"),
+            "lora.dropout: must be in [0, 1), got 1.5",
+        ),
+        Case(
+            "lora_alpha_zero", ("recipe=lora", "lora.alpha=0"), "lora.alpha: must be > 0, got 0.0"
+        ),
         Case("lora_key_in_full", ("recipe=full", "lora.rank=8"), "lora: Key 'lora' not in"),
         Case(
             "rerun_unknown_key",
@@ -176,6 +220,14 @@ def cases(ckpt: Path) -> list[Case]:
             "epoch: unknown key; valid keys: model, dataset, checkpoint",
         ),
         # Files named by the config.
+        Case("ckpt_empty_value", ("checkpoint=",), "checkpoint: is required (a directory)"),
+        # A model option with no shipped checkpoint needs checkpoint=.
+        Case("ckpt_not_given", ("model=llama2",), "checkpoint: is required (a directory)"),
+        Case(
+            "data_not_given",
+            ("dataset=alpaca",),
+            "dataset.path: is required (a .json, .jsonl, .csv or .parquet file)",
+        ),
         Case("data_missing", ("dataset.path=/no/such.json",), "dataset.path: file not found"),
         Case("data_suffix", ("dataset.path={tmp}/notes.txt",), "dataset.path: expected a .json"),
         Case("val_missing", ("dataset.val_path=/no/v.jsonl",), "dataset.val_path: file not found"),
@@ -234,6 +286,11 @@ def cases(ckpt: Path) -> list[Case]:
             "ckpt_arch_llama2",
             ("model=llama2", f"checkpoint={ckpt}", *good),
             "config.json: vocab_size=4096 but model=llama2 has model.vocab_size=32000",
+        ),
+        Case(
+            "ckpt_vocab_override",
+            (*run, "model.vocab_size=1000", *good),
+            "config.json: vocab_size=4096 but model.vocab_size=1000; leave model.vocab_size out",
         ),
         Case(
             "ckpt_hidden_act",

@@ -36,9 +36,15 @@ from finetune.meta_format import (
 )
 from finetune.recipes import full
 from finetune.training import build_optimizer
-from tests.conftest import TINY_TOKENIZER, compose_config, model_overrides
-from tests.test_full_recipe import small_params
-from tests.test_model import GQA_MODEL, hf_llama, max_abs_diff, random_model, random_tokens
+from tests.conftest import (
+    TINY_TOKENIZER,
+    compose_config,
+    max_abs_diff,
+    model_overrides,
+    random_tokens,
+    small_params,
+)
+from tests.test_model import GQA_MODEL, hf_llama, random_model
 
 CPU = torch.device("cpu")
 
@@ -248,7 +254,7 @@ def test_transformers_checkpoints_load_with_equal_weights_and_logits(
     theirs = reference.state_dict()
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, theirs[hf_key(name)]), name
-    tokens = random_tokens(GQA_MODEL, (2, 21))
+    tokens = random_tokens((2, 21), cfg=GQA_MODEL)
     with torch.no_grad():
         expected = reference(input_ids=tokens).logits
         assert expected.abs().max() > 1.0
@@ -264,7 +270,7 @@ def test_one_training_step_gives_the_same_losses_as_transformers(
         tmp_path, dtype=torch.float32, attn_implementation="eager"
     ).train()
     ours = load_checkpoint(GQA_MODEL, tmp_path, CPU, torch.float32).train()
-    tokens = random_tokens(GQA_MODEL, (2, 24))
+    tokens = random_tokens((2, 24), cfg=GQA_MODEL)
     labels = tokens.clone()
     labels[:, :7] = -100  # a prompt that is not trained on
     labels[1, 18:] = -100  # padding
@@ -313,7 +319,7 @@ def test_meta_checkpoint_logits_equal_a_meta_style_forward(tmp_path: Path, n_sha
     write_meta(tmp_path, weights, n_shards)
     assert find_checkpoint(tmp_path).format is CheckpointFormat.meta
     ours = load_checkpoint(META_MODEL, tmp_path, CPU, torch.float32).eval()
-    tokens = random_tokens(META_MODEL, (2, 19))
+    tokens = random_tokens((2, 19), cfg=META_MODEL)
     with torch.no_grad():
         expected = meta_forward(weights, META_PARAMS, tokens)
         assert expected.abs().max() > 1.0
@@ -329,7 +335,7 @@ def test_four_meta_shards_load_the_same_weights_as_one(tmp_path: Path) -> None:
     one = load_checkpoint(cfg, write_meta(tmp_path / "one", weights, 1, params), CPU, torch.float32)
     four = load_checkpoint(cfg, write_meta(tmp_path / "4", weights, 4, params), CPU, torch.float32)
     assert equal_state_dicts(one.state_dict(), four.state_dict())
-    tokens = random_tokens(cfg, (1, 11))
+    tokens = random_tokens((1, 11), cfg=cfg)
     with torch.no_grad():
         assert max_abs_diff(four(tokens), meta_forward(weights, params, tokens)) <= 1e-4
 

@@ -1,4 +1,7 @@
-"""The command line as a user meets it: help, fast start-up, one-line errors, runs, sweeps."""
+"""The command line as a user meets it: help, fast start-up, typing mistakes, runs, sweeps.
+
+The matrix of bad inputs (one line, exit code 2, earlier outputs kept) is tests/test_bad_inputs.py.
+"""
 
 from __future__ import annotations
 
@@ -12,75 +15,7 @@ import pytest
 import yaml
 
 from finetune.overrides import command_line, split_flags
-from tests.conftest import SMALL_MODEL, model_overrides, run_cli, write_jsonl
-
-SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
-
-
-def bad_input_cases(small_checkpoint: Path, tmp: Path) -> list[tuple[list[str], str]]:
-    malformed = write_jsonl(tmp / "malformed.jsonl", [{"instruction": "a", "output": "b"}, {}])
-    ckpt = f"checkpoint={small_checkpoint}"
-    # The config is read before the tensors, so a rank-4 adapter needs no weights to be rejected.
-    rank4_adapter = tmp / "rank4_adapter"
-    rank4_adapter.mkdir(exist_ok=True)
-    (rank4_adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    return [
-        (["lr=abc"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
-        (["lr=-1"], "lr: must be > 0, got -1.0"),
-        (["batch_size=0"], "batch_size: must be >= 1, got 0"),
-        (["model=nosuch"], "model=nosuch: no such option; available: auto, llama2, llama2_13b"),
-        (["+model.typo=1"], "model.typo: unknown key; valid keys: name, vocab_size, dim"),
-        (["+nosuchkey=1"], "nosuchkey: unknown key; valid keys: model, dataset"),
-        (["dtype=fp64"], "dtype: Invalid value 'fp64', expected one of [fp32, bf16]"),
-        (["device=tpu"], "device: Invalid value 'tpu', expected one of [auto, cpu, cuda]"),
-        (["checkpoint=/no/such/dir"], "checkpoint: directory not found: /no/such/dir"),
-        (["checkpoint="], "checkpoint: is required (a directory)"),
-        (["tokenizer=/no/such.model"], "tokenizer: file not found: /no/such.model"),
-        (["dataset=alpaca"], "dataset.path: is required (a .json, .jsonl, .csv or .parquet file)"),
-        (["dataset.path=/no/such.json"], "dataset.path: file not found: /no/such.json"),
-        (["model=llama2"], "checkpoint: directory not found"),
-        (
-            [f"dataset.path={malformed}", ckpt, *SMALL],
-            f"{malformed}:2: missing field 'instruction'",
-        ),
-        (
-            [ckpt, *SMALL, "model.vocab_size=1000"],
-            "config.json: vocab_size=4096 but model.vocab_size=1000; leave model.vocab_size out",
-        ),
-        (["model=tiny", ckpt], "hidden_size=64 but model=tiny has model.dim=256"),
-        (["recipe=lora", "lora.rank=0"], "lora.rank: must be >= 1, got 0"),
-        (
-            ["recipe=lora", "lora.targets=[q_proj,nope]"],
-            "lora.targets: unknown 'nope'; valid names: q_proj, k_proj",
-        ),
-        (["recipe=lora", "lora.dropout=1.5"], "lora.dropout: must be in [0, 1), got 1.5"),
-        (["recipe=lora", "lora.alpha=0"], "lora.alpha: must be > 0, got 0.0"),
-        (
-            ["recipe=lora", "lora.rank=abc"],
-            "lora.rank: Value 'abc' of type 'str' could not be converted to Integer",
-        ),
-        (["recipe=lora", "adapter=/no/such/dir"], "adapter: directory not found: /no/such/dir"),
-        (
-            ["recipe=lora", f"adapter={rank4_adapter}", ckpt, *SMALL],
-            f"{rank4_adapter}/adapter_config.json: r is 4 but this run's adapter has 8",
-        ),
-        (["recipe=full", "lora.rank=8"], "lora: Key 'lora' not in 'FullFinetuneParams'"),
-        (["recipe=nosuch"], "recipe=nosuch: no such option; available: full, lora"),
-    ]
-
-
-def test_bad_input_exits_2_with_one_line_naming_the_problem(
-    small_checkpoint: Path, tmp_path: Path
-) -> None:
-    for args, message in bad_input_cases(small_checkpoint, tmp_path):
-        if args == ["model=llama2"]:
-            args = ["model=llama2", "checkpoint=/no/such/dir"]
-        result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1, (args, result.stderr)
-        assert lines[0].startswith("error: ") and message in lines[0], (args, lines[0])
-
+from tests.conftest import SMALL_MODEL, run_cli
 
 TYPING_MISTAKES = [
     (

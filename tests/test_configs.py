@@ -1,16 +1,17 @@
 """Every option of every config group in conf/ composes, builds its params and trains 2 steps.
 
-Options are discovered from the files, so a new YAML file is tested without touching this file.
+Options are discovered from the files at any depth (conf/hydra/launcher/parallel.yaml is the
+option `hydra/launcher=parallel`), so a new YAML file is tested without touching this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
 import pytest
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from finetune.config import RECIPES, FullFinetuneParams, ModelConfig, build_params, recipe_of
@@ -20,17 +21,35 @@ from tests.conftest import (
     SAMPLE_DATA,
     SMALL_MODEL,
     compose_config,
+    metrics_rows,
     model_overrides,
+    run_cli,
 )
+
+# Launchers that hand each job to a cluster: their options compose here, but a run needs the
+# cluster, and no setting of theirs runs a job on this machine.
+CLUSTER_LAUNCHERS = {
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher": (
+        "submits each job to SLURM with sbatch, which needs a cluster; submitit's local mode is "
+        "another launcher (hydra/launcher=submitit_local, run in tests/test_sweeps.py), not a "
+        "setting of this one"
+    ),
+}
 
 
 def config_options() -> list[tuple[str, str]]:
-    """(group, option) for every YAML file under conf/<group>/."""
-    return [
-        (group.name, option.stem)
-        for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir())
-        for option in sorted(group.glob("*.yaml"))
-    ]
+    """(group, option) for every YAML file under conf/ but the primary config.yaml, at any
+    depth: the group is the file's folder relative to conf/."""
+    return sorted(
+        (path.parent.relative_to(CONF_DIR).as_posix(), path.stem)
+        for path in CONF_DIR.rglob("*.yaml")
+        if path.parent != CONF_DIR
+    )
+
+
+def hydra_options() -> list[tuple[str, str]]:
+    """The options of Hydra's own groups (conf/hydra/...): they act only in the CLI's runs."""
+    return [(group, option) for group, option in config_options() if group.startswith("hydra/")]
 
 
 OPTION_IDS = [f"{group}={option}" for group, option in config_options()]
@@ -54,7 +73,7 @@ def runnable_overrides(group: str, option: str, small_checkpoint: Path, out: Pat
 
 def test_every_group_has_options() -> None:
     groups = {group for group, _ in config_options()}
-    assert {"recipe", "model", "dataset"} <= groups
+    assert {"recipe", "model", "dataset", "hydra/launcher"} <= groups
     assert {"tiny", "llama2", "llama2_13b", "llama2_70b"} <= {
         option for group, option in config_options() if group == "model"
     }
@@ -71,20 +90,58 @@ def test_every_config_option_builds_its_params(
     assert Path(params.tokenizer).is_file()
 
 
+@pytest.mark.parametrize(
+    ("group", "option"), hydra_options(), ids=[f"{g}={o}" for g, o in hydra_options()]
+)
+def test_every_hydra_option_composes_into_hydra_with_its_values(group: str, option: str) -> None:
+    node = OmegaConf.select(
+        compose_config([f"{group}={option}"], with_hydra=True), group.replace("/", ".")
+    )
+    own = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+    own.pop("defaults", None)
+    assert own and {key: node[key] for key in own} == OmegaConf.to_container(own)
+    # The class Hydra instantiates comes from an installed plugin.
+    assert get_class(node._target_)
+
+
+def launcher_of(group: str, option: str) -> str:
+    return compose_config([f"{group}={option}"], with_hydra=True).hydra.launcher._target_
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("group", "option"), config_options(), ids=OPTION_IDS)
 def test_every_config_option_trains_two_steps(
     group: str, option: str, small_checkpoint: Path, tmp_path: Path
 ) -> None:
+    if group.startswith("hydra/"):
+        run_through_the_cli(group, option, small_checkpoint, tmp_path)
+        return
     params = build_params(
         compose_config(runnable_overrides(group, option, small_checkpoint, tmp_path))
     )
     final_loss = recipe_of(params).run(params)
     assert math.isfinite(final_loss) and final_loss > 0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[-1]["loss"] == pytest.approx(final_loss)
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def run_through_the_cli(group: str, option: str, small_checkpoint: Path, tmp_path: Path) -> None:
+    """A Hydra option acts only in the CLI: a sweep of one job with it trains 2 steps."""
+    launcher = launcher_of(group, option)
+    if launcher in CLUSTER_LAUNCHERS:
+        pytest.skip(f"{group}={option} {CLUSTER_LAUNCHERS[launcher]}")
+    sweep_dir = tmp_path / "sweep"
+    overrides = runnable_overrides(group, option, small_checkpoint, tmp_path)
+    overrides = [o for o in overrides if not o.startswith("output_dir=")]
+    result = run_cli("-m", *overrides, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    recorded = OmegaConf.load(sweep_dir / "0" / ".hydra" / "hydra.yaml")
+    assert recorded.hydra.launcher._target_ == launcher
+    rows = metrics_rows(sweep_dir / "0")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (sweep_dir / "0" / "model" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from finetune import ranks
 from finetune.checkpoint import load_hf
 from finetune.config import FullFinetuneParams, build_params
 from finetune.recipes import full, lora
-from tests.conftest import SMALL_MODEL, compose_config, small_params
+from tests.conftest import SMALL_MODEL, compose_config, metrics_rows, small_params
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_params_yaml_records_every_resolved_field(finished_run: Path) -> None:
 
 
 def test_metrics_rows_are_logged_every_n_steps(finished_run: Path) -> None:
-    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(finished_run)
     assert [r["step"] for r in rows] == [2, 4]
     keys = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
     assert all(set(r) == keys for r in rows)
@@ -135,7 +135,7 @@ def test_same_seed_gives_the_same_losses(small_checkpoint: Path, tmp_path: Path)
 def test_shipped_model_visibly_learns_the_sample_task(tmp_path: Path) -> None:
     params = build_params(compose_config([f"output_dir={tmp_path}", "max_steps=60"]))
     full.run(params)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path)
     first = sum(r["loss"] for r in rows[:10]) / 10
     last = sum(r["loss"] for r in rows[-10:]) / 10
     assert last < 0.85 * first, (first, last)

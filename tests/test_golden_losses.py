@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config import build_params, recipe_of
-from tests.conftest import compose_config
+from tests.conftest import compose_config, logged_losses
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 STEPS = 5
@@ -26,8 +26,7 @@ def first_losses(recipe: str, out: Path) -> list[float]:
     overrides = [f"recipe={recipe}", f"output_dir={out}", f"max_steps={STEPS}", "device=cpu"]
     params = build_params(compose_config([*overrides, "log_every_n_steps=1", "dtype=fp32"]))
     recipe_of(params).run(params)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
+    return [loss for _, loss in logged_losses(out)]
 
 
 @pytest.mark.parametrize("recipe", ["full", "lora"])

@@ -26,24 +26,12 @@ from finetune.peft_format import (
     load_adapter,
     save_adapter,
 )
-from tests.conftest import SMALL_MODEL
+from tests.conftest import SMALL_MODEL, random_tokens, small_model
 
 CPU = torch.device("cpu")
 RANK, ALPHA = 4, 8.0
 PROJECTIONS = [t for t in LORA_TARGETS if t != "lm_head"]
 ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
-
-
-def small_model(seed: int = 0) -> Llama:
-    model = Llama(SMALL_MODEL)
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model
-
-
-def random_tokens(seed: int = 1, shape: tuple[int, int] = (2, 16)) -> torch.Tensor:
-    return torch.randint(
-        0, SMALL_MODEL.vocab_size, shape, generator=torch.Generator().manual_seed(seed)
-    )
 
 
 def randomise_adapters(model: Llama, seed: int = 2) -> None:

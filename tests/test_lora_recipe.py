@@ -23,7 +23,15 @@ from finetune.lora import apply_lora
 from finetune.model import Llama
 from finetune.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, load_adapter
 from finetune.recipes import lora as lora_recipe
-from tests.conftest import SMALL_MODEL, model_overrides, run_cli, small_params
+from tests.conftest import (
+    SMALL_MODEL,
+    max_abs_diff,
+    metrics_rows,
+    model_overrides,
+    random_tokens,
+    run_cli,
+    small_params,
+)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -42,13 +50,7 @@ def small_lora_params(checkpoint: Path, out: Path, *overrides: str) -> LoraFinet
 
 
 def first_logged_loss(run_dir: Path) -> float:
-    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-
-
-def random_tokens() -> torch.Tensor:
-    return torch.randint(
-        0, SMALL_MODEL.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0)
-    )
+    return metrics_rows(run_dir)[0]["loss"]
 
 
 @torch.no_grad()
@@ -57,24 +59,20 @@ def our_adapted_logits(params: LoraFinetuneParams, adapter_dir: Path) -> torch.T
     model = load_checkpoint(params.model, Path(params.checkpoint), CPU, torch.float32)
     apply_lora(model, params.lora)
     load_adapter(model, adapter_dir)
-    return model.eval()(random_tokens())
+    return model.eval()(random_tokens((2, 33), seed=0))
 
 
 @torch.no_grad()
 def peft_logits(checkpoint: Path, adapter_dir: Path) -> torch.Tensor:
     base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter_dir)
-    return model.eval()(random_tokens()).logits
+    return model.eval()(random_tokens((2, 33), seed=0)).logits
 
 
 @torch.no_grad()
 def transformers_logits(model_dir: Path) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model.eval()(random_tokens()).logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
+    return model.eval()(random_tokens((2, 33), seed=0)).logits
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +127,7 @@ def test_params_yaml_records_the_lora_section(finished_run: Path) -> None:
 
 
 def test_metrics_and_loss_plot_are_written(finished_run: Path) -> None:
-    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(finished_run)
     assert [r["step"] for r in rows] == [2, 4]
     # No warmup: the cosine decay from 1e-2 has begun by the first logged step.
     assert all(0 < r["lr"] < 1e-2 and r["grad_norm"] > 0 and 0 < r["loss"] < 20 for r in rows)
@@ -166,8 +164,8 @@ def test_peft_on_the_transformers_base_matches_our_adapted_model(
     ours = our_adapted_logits(params, finished_run / "adapter")
     theirs = peft_logits(small_checkpoint, finished_run / "adapter")
     base = transformers_logits(small_checkpoint)
-    assert max_diff(ours, base) > 1e-3  # the adapter does change the output
-    assert max_diff(ours, theirs) <= 1e-4
+    assert max_abs_diff(ours, base) > 1e-3  # the adapter does change the output
+    assert max_abs_diff(ours, theirs) <= 1e-4
 
 
 def test_merged_model_in_transformers_matches_peft(
@@ -175,7 +173,7 @@ def test_merged_model_in_transformers_matches_peft(
 ) -> None:
     merged = transformers_logits(finished_run / "model")
     theirs = peft_logits(small_checkpoint, finished_run / "adapter")
-    assert max_diff(merged, theirs) <= 1e-4
+    assert max_abs_diff(merged, theirs) <= 1e-4
 
 
 def test_merging_changes_only_the_adapted_layers(
@@ -295,9 +293,9 @@ def test_peft_loads_the_adapter_of_a_variant_with_equal_logits(
     assert config["target_modules"] == sorted(params.lora.targets)
     ours = our_adapted_logits(params, tmp_path / "adapter")
     theirs = peft_logits(small_checkpoint, tmp_path / "adapter")
-    assert max_diff(ours, transformers_logits(small_checkpoint)) > 1e-3
-    assert max_diff(ours, theirs) <= 1e-4
-    assert max_diff(transformers_logits(tmp_path / "model"), theirs) <= 1e-4
+    assert max_abs_diff(ours, transformers_logits(small_checkpoint)) > 1e-3
+    assert max_abs_diff(ours, theirs) <= 1e-4
+    assert max_abs_diff(transformers_logits(tmp_path / "model"), theirs) <= 1e-4
 
 
 @pytest.mark.slow

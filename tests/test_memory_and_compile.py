@@ -3,7 +3,6 @@ the same losses as a plain run, and (for checkpointing) fewer activations kept f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from finetune.model import Llama
 from finetune.parallel import apply_activation_checkpointing
 from finetune.recipes import full
 from finetune.recipes import lora as lora_recipe
-from tests.conftest import SMALL_MODEL, small_params
+from tests.conftest import SMALL_MODEL, logged_losses, small_params
 
 # A high, constant learning rate, so that the three steps visibly change the weights.
 STEPS = ["max_steps=3", "lr=1e-2", "warmup_steps=0"]
@@ -30,8 +29,7 @@ def params(checkpoint: Path, out: Path, *overrides: str) -> FullFinetuneParams:
 
 def losses(run: Callable[[FullFinetuneParams], float], p: FullFinetuneParams) -> list[float]:
     run(p)
-    rows = (Path(p.output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(row)["loss"] for row in rows]
+    return [loss for _, loss in logged_losses(Path(p.output_dir))]
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,13 @@ from finetune.config import ModelConfig
 from finetune.errors import UserError
 from finetune.hf_format import hf_key, save_hf
 from finetune.model import Llama
-from tests.conftest import SMALL_MODEL, TINY_TOKENIZER, write_checkpoint
+from tests.conftest import (
+    SMALL_MODEL,
+    TINY_TOKENIZER,
+    max_abs_diff,
+    random_tokens,
+    write_checkpoint,
+)
 
 CPU = torch.device("cpu")
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -84,14 +90,6 @@ def hf_rope_theta(config: LlamaConfig) -> float:
     return rope_parameters["rope_theta"] if rope_parameters else config.rope_theta
 
 
-def random_tokens(cfg: ModelConfig, shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
-
-
 # --------------------------------------------------------------------------------------------
 # Same numbers as transformers
 # --------------------------------------------------------------------------------------------
@@ -101,7 +99,7 @@ def test_logits_equal_transformers_llama_with_grouped_query_attention() -> None:
     ours = random_model(GQA_MODEL)
     reference = hf_llama(GQA_MODEL)
     reference.load_state_dict({hf_key(k): v for k, v in ours.state_dict().items()}, strict=True)
-    tokens = random_tokens(GQA_MODEL, (2, 33))
+    tokens = random_tokens((2, 33), cfg=GQA_MODEL)
 
     with torch.no_grad():
         expected = reference(input_ids=tokens).logits
@@ -124,7 +122,7 @@ def test_transformers_loads_a_written_checkpoint_with_the_same_logits(tmp_path: 
         ckpt, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     ours = load_checkpoint(GQA_MODEL, ckpt, CPU, torch.float32).eval()
-    tokens = random_tokens(GQA_MODEL, (2, 17))
+    tokens = random_tokens((2, 17), cfg=GQA_MODEL)
 
     with torch.no_grad():
         expected = reference(input_ids=tokens).logits
@@ -144,7 +142,7 @@ def test_transformers_loads_a_written_checkpoint_with_the_same_logits(tmp_path: 
 
 def test_hidden_states_through_lm_head_equal_forward() -> None:
     model = random_model(SMALL_MODEL)
-    tokens = random_tokens(SMALL_MODEL, (2, 9))
+    tokens = random_tokens((2, 9))
     with torch.no_grad():
         hidden = model.hidden_states(tokens)
         logits = model(tokens)
@@ -154,7 +152,7 @@ def test_hidden_states_through_lm_head_equal_forward() -> None:
 
 def test_changing_a_later_token_leaves_earlier_logits_unchanged() -> None:
     model = random_model(SMALL_MODEL)
-    tokens = random_tokens(SMALL_MODEL, (1, 12))
+    tokens = random_tokens((1, 12))
     changed = tokens.clone()
     changed[0, 8] = (tokens[0, 8] + 1) % SMALL_MODEL.vocab_size
     with torch.no_grad():
@@ -166,8 +164,8 @@ def test_changing_a_later_token_leaves_earlier_logits_unchanged() -> None:
 def test_right_padding_does_not_change_the_logits_of_real_tokens() -> None:
     model = random_model(SMALL_MODEL)
     long, short = (
-        random_tokens(SMALL_MODEL, (12,), seed=1),
-        random_tokens(SMALL_MODEL, (5,), seed=2),
+        random_tokens((12,), seed=1),
+        random_tokens((5,), seed=2),
     )
     padded = torch.cat([short, torch.zeros(7, dtype=torch.long)])
     with torch.no_grad():
@@ -360,7 +358,7 @@ def test_save_hf_shards_above_max_shard_bytes_and_load_checkpoint_reads_them(
     reference = AutoModelForCausalLM.from_pretrained(
         tmp_path, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    tokens = random_tokens(GQA_MODEL, (1, 15))
+    tokens = random_tokens((1, 15), cfg=GQA_MODEL)
     with torch.no_grad():
         assert max_abs_diff(model(tokens), reference(input_ids=tokens).logits) <= 1e-4
 

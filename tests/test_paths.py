@@ -12,8 +12,16 @@ import torch
 import yaml
 
 from finetune.config import absolute_path
-from tests.conftest import SMALL_MODEL, model_overrides, run_cli, small_params, write_jsonl
-from tests.test_lora_recipe import max_diff, random_tokens, transformers_logits
+from tests.conftest import (
+    SMALL_MODEL,
+    max_abs_diff,
+    model_overrides,
+    random_tokens,
+    run_cli,
+    small_params,
+    write_jsonl,
+)
+from tests.test_lora_recipe import transformers_logits
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -116,12 +124,12 @@ def test_a_relative_checkpoint_gives_an_adapter_that_peft_loads_from_another_dir
     monkeypatch.chdir(elsewhere)
     base_name = peft.PeftConfig.from_pretrained(run_dir / "adapter").base_model_name_or_path
     base = transformers.AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
-    base_logits = base.eval()(random_tokens()).logits.detach()
+    base_logits = base.eval()(random_tokens((2, 33), seed=0)).logits.detach()
     adapted = peft.PeftModel.from_pretrained(base, run_dir / "adapter").eval()
     with torch.no_grad():
-        adapted_logits = adapted(random_tokens()).logits
-    assert max_diff(adapted_logits, base_logits) > 1e-3  # the adapter was loaded and matters
-    assert max_diff(adapted_logits, transformers_logits(run_dir / "model")) <= 1e-4
+        adapted_logits = adapted(random_tokens((2, 33), seed=0)).logits
+    assert max_abs_diff(adapted_logits, base_logits) > 1e-3  # the adapter was loaded and matters
+    assert max_abs_diff(adapted_logits, transformers_logits(run_dir / "model")) <= 1e-4
 
 
 def test_home_paths_are_expanded_in_the_run_and_in_messages(

@@ -30,11 +30,12 @@ from finetune.peft_format import (
 from finetune.qlora import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, NF4Linear
 from finetune.recipes import lora as lora_recipe
 from tests.conftest import (
-    SMALL_MODEL,
     TINY_CHECKPOINT,
     TINY_TOKENIZER,
     compose_config,
     model_overrides,
+    random_tokens,
+    small_model,
     write_checkpoint,
 )
 from tests.test_lora import (
@@ -43,7 +44,6 @@ from tests.test_lora import (
     PROJECTIONS,
     RANK,
     check_bf16_base_trains_under_autocast_and_merges,
-    random_tokens,
     randomise_adapters,
 )
 
@@ -65,12 +65,6 @@ needs_torchao = pytest.mark.skipif(
 )
 
 
-def small_model(seed: int = 0, cfg: ModelConfig = QLORA_MODEL) -> Llama:
-    model = Llama(cfg)
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model
-
-
 def lora_config(
     targets: list[str] = PROJECTIONS,
     use_dora: bool = False,
@@ -81,7 +75,7 @@ def lora_config(
 
 
 def qlora_model(cfg: LoraConfig, seed: int = 0) -> Llama:
-    model = small_model(seed)
+    model = small_model(seed, QLORA_MODEL)
     apply_lora(model, cfg)
     randomise_adapters(model)
     return model
@@ -101,7 +95,7 @@ def nf4_bits_per_weight(weight: torch.Tensor) -> float:
 
 @needs_torchao
 def test_every_block_linear_is_quantized_but_embedding_and_lm_head_stay_dense() -> None:
-    model = small_model()
+    model = small_model(cfg=QLORA_MODEL)
     dense_weight = weakref.ref(model.layers[0].mlp.up_proj.weight)
     apply_lora(model, lora_config(["q_proj", "lm_head"]))
     assert dense_weight() is None  # freed, not kept beside its NF4 copy
@@ -131,8 +125,8 @@ def test_nf4_weight_error_is_within_half_the_widest_step_between_nf4_codes() -> 
     """Each weight is rounded to the nearest of 16 codes times its block's absmax; the widest gap
     between codes (-1 to -0.6962) bounds the rounding at 0.1519 absmax. The block scale itself is
     int8 (double quantization): off by at most 1/128 of the largest scale in its group of 256."""
-    dense = small_model()
-    model = small_model()
+    dense = small_model(cfg=QLORA_MODEL)
+    model = small_model(cfg=QLORA_MODEL)
     apply_lora(model, lora_config(["q_proj"]))
     for name, module in nf4_modules(model).items():
         weight = dense.get_submodule(name.removesuffix(".base")).weight
@@ -148,7 +142,7 @@ def test_nf4_weight_error_is_within_half_the_widest_step_between_nf4_codes() -> 
 
 @needs_torchao
 def test_nf4_base_stores_about_4_bits_per_weight() -> None:
-    model = small_model()
+    model = small_model(cfg=QLORA_MODEL)
     apply_lora(model, lora_config())
     for name, module in nf4_modules(model).items():
         dense_bits = torch.finfo(module.weight.dtype).bits
@@ -175,7 +169,7 @@ def test_quantized_pretrained_model_gives_logits_close_to_the_dense_ones() -> No
 def dense_twin(model: Llama, cfg: LoraConfig, seed: int = 0) -> Llama:
     """The same model with dense bases holding the NF4 model's dequantized weights, and equal
     adapters: what the quantized model must compute."""
-    twin = small_model(seed)
+    twin = small_model(seed, QLORA_MODEL)
     with torch.no_grad():
         for name, module in nf4_modules(model).items():
             twin.get_submodule(name.removesuffix(".base")).weight.copy_(module.dequantized())
@@ -259,7 +253,7 @@ def test_merged_qlora_model_saves_as_a_dense_model_with_the_unmerged_logits(
         merge_lora(model)
     assert not lora_modules(model) and not nf4_modules(model)
     assert all(type(p.data) is torch.Tensor for p in model.parameters())
-    assert model.state_dict().keys() == small_model().state_dict().keys()
+    assert model.state_dict().keys() == small_model(cfg=QLORA_MODEL).state_dict().keys()
 
     save_hf(model, tmp_path, tokenizer=TINY_TOKENIZER, bos_id=1, eos_id=2, dtype=torch.float32)
     reloaded = load_hf(QLORA_MODEL, tmp_path, CPU, torch.float32)
@@ -270,7 +264,7 @@ def test_merged_qlora_model_saves_as_a_dense_model_with_the_unmerged_logits(
 @needs_torchao
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_bf16_base_in_nf4_trains_under_autocast_and_merges_to_bf16(use_dora: bool) -> None:
-    model = small_model().to(torch.bfloat16)
+    model = small_model(cfg=QLORA_MODEL).to(torch.bfloat16)
     apply_lora(model, lora_config(list(LORA_TARGETS), use_dora, dropout=0.1))
     assert all(m.weight.dtype == torch.bfloat16 for m in nf4_modules(model).values())
     check_bf16_base_trains_under_autocast_and_merges(model)
@@ -345,13 +339,13 @@ def test_missing_torchao_is_a_one_line_user_error_naming_the_extra(
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(UserError, match=r"torchao .*pip install 'finetune\[qlora\]'") as error:
-        apply_lora(small_model(), lora_config())
+        apply_lora(small_model(cfg=QLORA_MODEL), lora_config())
     assert "\n" not in str(error.value)
 
 
 @needs_torchao
 def test_layer_too_small_for_nf4_blocks_is_a_user_error_naming_it() -> None:
-    model = small_model(cfg=SMALL_MODEL)
+    model = small_model()
     with pytest.raises(
         UserError,
         match=r"^lora.quantize_base: layers.0.self_attn.q_proj has 4096 weights \(64x64\), "

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from finetune.config import FullFinetuneParams, LoraFinetuneParams, build_params
-from tests.conftest import SAMPLE_DATA, SMALL_MODEL, compose_config, model_overrides, run_cli
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+from tests.conftest import (
+    SAMPLE_DATA,
+    SMALL_MODEL,
+    compose_config,
+    logged_losses,
+    model_overrides,
+    run_cli,
+)
 
 
 def rerun(run_dir: Path, new_dir: Path) -> list[str]:
@@ -48,8 +49,8 @@ def test_a_rerun_from_the_saved_config_repeats_the_losses_bit_for_bit(
 
     result = run_cli(*rerun(first, again), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert losses(again) == losses(first)
-    assert [step for step, _ in losses(again)] == [1, 2, 3]
+    assert logged_losses(again) == logged_losses(first)
+    assert [step for step, _ in logged_losses(again)] == [1, 2, 3]
     # The same recipe and values; only the run directory differs.
     saved, rerun_params = (OmegaConf.load(d / "params.yaml") for d in (first, again))
     assert saved.pop("output_dir") == str(first) and rerun_params.pop("output_dir") == str(again)
@@ -63,7 +64,7 @@ def test_a_rerun_takes_overrides(small_checkpoint: Path, tmp_path: Path) -> None
     assert run_cli(*args, "max_steps=1", f"hydra.run.dir={first}", cwd=tmp_path).returncode == 0
     result = run_cli(*rerun(first, longer), "max_steps=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert [step for step, _ in losses(longer)] == [1, 2]
+    assert [step for step, _ in logged_losses(longer)] == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -98,7 +99,7 @@ def test_rerun_option_repeats_a_run_given_by_a_relative_directory(
     # finetune's own Hydra settings apply: a new timestamped directory with finetune.log.
     (again,) = (tmp_path / "outputs").glob("*/*")
     assert (again / "finetune.log").is_file()
-    assert losses(again) == losses(tmp_path / "runs" / "first")
+    assert logged_losses(again) == logged_losses(tmp_path / "runs" / "first")
 
 
 def test_rerun_of_a_directory_without_a_saved_config_is_one_line(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -19,7 +18,15 @@ from finetune.config import FullFinetuneParams
 from finetune.errors import UserError
 from finetune.recipes import full, lora
 from finetune.schedule import lr_multiplier
-from tests.conftest import SAMPLE_DATA, SMALL_MODEL, model_overrides, run_cli, small_params
+from tests.conftest import (
+    SAMPLE_DATA,
+    SMALL_MODEL,
+    logged_losses,
+    metrics_rows,
+    model_overrides,
+    run_cli,
+    small_params,
+)
 
 # 14 examples in micro-batches of 2, two per optimizer step: 4 steps an epoch, the last of one
 # micro-batch. Step 3 stops mid-epoch; step 4 ends epoch 0, so 6 steps cross into epoch 1.
@@ -66,11 +73,6 @@ def params_for(
         *RECIPES[recipe][1],
         *overrides,
     )
-
-
-def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 def steps_on_disk(run_dir: Path) -> list[str]:
@@ -375,15 +377,14 @@ def test_resume_keeps_validation_and_early_stopping_where_they_were(
     )
 
     def rows(run_dir: Path) -> list[dict]:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         timings = ("elapsed_s", "tokens_per_s")
-        return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in lines]
+        return [{k: v for k, v in row.items() if k not in timings} for row in metrics_rows(run_dir)]
 
     assert rows(resumed) == rows(straight)
     assert [r["step"] for r in rows(straight) if "val_loss" in r] == [1, 2, 3, 4]
     assert resumed_loss == straight_loss == rows(straight)[-1]["val_loss"]
     # The clock runs on from the checkpoint's time instead of restarting at 0.
-    elapsed = [json.loads(line)["elapsed_s"] for line in (resumed / "metrics.jsonl").open()]
+    elapsed = [row["elapsed_s"] for row in metrics_rows(resumed)]
     assert elapsed == sorted(elapsed)
 
 
@@ -411,8 +412,7 @@ def test_resume_with_other_batches_or_schedule_names_what_changed(
 
 
 def rows_of(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if "loss" in json.loads(line)]
+    return [row for row in metrics_rows(run_dir) if "loss" in row]
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from finetune.training import (
     optimizer_steps,
     train_step,
 )
-from tests.conftest import SMALL_MODEL, write_jsonl
+from tests.conftest import SMALL_MODEL, small_model, write_jsonl
 
 CPU = torch.device("cpu")
 VOCAB, DIM = 50, 16
@@ -332,12 +332,6 @@ def labelled_example(length: int, prompt: int, seed: int) -> Example:
     return Example(tokens, [IGNORE_INDEX] * prompt + tokens[prompt:])
 
 
-def trained_model(seed: int = 0) -> Llama:
-    model = Llama(SMALL_MODEL)
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model
-
-
 def mean_loss_gradients(model: Llama, batch: Batch) -> tuple[float, dict[str, torch.Tensor]]:
     """The reference: mean token cross-entropy of the full logits over all labelled targets."""
     model = copy.deepcopy(model)
@@ -360,7 +354,7 @@ def test_accumulated_micro_batches_step_like_one_batch_of_all_of_them(
     # Different numbers of labelled tokens: averaging each micro-batch's mean would differ.
     assert batch_a.n_targets != batch_b.n_targets
 
-    model_accumulated = trained_model()
+    model_accumulated = small_model()
     model_single = copy.deepcopy(model_accumulated)
     before = copy.deepcopy(model_accumulated.state_dict())
     ref_loss, ref_grads = mean_loss_gradients(model_accumulated, batch_ab)
@@ -396,7 +390,7 @@ def test_train_step_clips_the_gradient_norm_and_reports_it_unclipped(
 ) -> None:
     params = make_params(small_checkpoint, tmp_path, max_grad_norm=0.01)
     batch = collate([labelled_example(12, 3, seed=1), labelled_example(7, 2, seed=2)], 0)
-    model = trained_model()
+    model = small_model()
     before = [p.detach().clone() for p in model.parameters()]
 
     result = train_step(model, [batch], torch.optim.SGD(model.parameters(), lr=1.0), params, CPU)
@@ -413,7 +407,7 @@ def test_train_step_under_bf16_keeps_fp32_weights_and_a_close_loss(
     batch = collate([labelled_example(12, 3, seed=1), labelled_example(7, 2, seed=2)], 0)
     results = {}
     for dtype in (DType.fp32, DType.bf16):
-        model = trained_model()
+        model = small_model()
         params = make_params(small_checkpoint, tmp_path, dtype=dtype)
         optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.0)
         results[dtype] = train_step(model, [batch], optimizer, params, CPU)
@@ -429,7 +423,7 @@ def test_a_forward_pre_hook_on_the_model_runs_in_training_steps_and_evaluation(
     # What FSDP's gathering of weights and torch.compile of the root rely on.
     params = make_params(small_checkpoint, tmp_path, batch_size=2)
     examples = [labelled_example(9, 3, seed=s) for s in range(3)]
-    model = trained_model()
+    model = small_model()
     seen: list[tuple[int, ...]] = []
     model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     micro_batches = [collate(examples[:2], 0), collate(examples[2:], 0)]
@@ -451,13 +445,13 @@ def test_a_recipe_loss_function_replaces_the_next_token_loss(
     def doubled(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return 2 * next_token_loss(model, batch)
 
-    plain_model, doubled_model = trained_model(), trained_model()
+    plain_model, doubled_model = small_model(), small_model()
     plain = train_step(plain_model, [batch], build_optimizer(plain_model, 0.1, 0.0), params, CPU)
     optimizer = build_optimizer(doubled_model, 0.1, 0.0)
     twice = train_step(doubled_model, [batch], optimizer, params, CPU, loss_fn=doubled)
     assert twice.loss == pytest.approx(2 * plain.loss, rel=1e-6)
-    evaluated = evaluate(trained_model(), examples, params, 0, loss_fn=doubled)
-    assert evaluated == pytest.approx(2 * evaluate(trained_model(), examples, params, 0), rel=1e-6)
+    evaluated = evaluate(small_model(), examples, params, 0, loss_fn=doubled)
+    assert evaluated == pytest.approx(2 * evaluate(small_model(), examples, params, 0), rel=1e-6)
 
 
 def test_the_loss_of_a_tied_model_is_the_full_logits_loss_and_trains_the_one_weight() -> None:
@@ -498,7 +492,7 @@ def test_a_recipe_collate_function_makes_the_batches_of_training_and_evaluation(
     steps = list(optimizer_steps(numbered_examples(3), params, 0, collate=recording_collate))
     assert [example_ids(b) for _, group in steps for b in group] == [[0, 1], [2]]
     assert collated == [[0, 1], [2]]
-    evaluate(trained_model(), numbered_examples(3), params, 0, collate=recording_collate)
+    evaluate(small_model(), numbered_examples(3), params, 0, collate=recording_collate)
     assert collated == [[0, 1], [2], [0, 1], [2]]
 
 

@@ -17,12 +17,7 @@ from finetune.errors import ConfigError
 from finetune.recipes import full, lora
 from finetune.tokenizer import Tokenizer
 from finetune.training import evaluate
-from tests.conftest import (
-    SAMPLE_DATA,
-    SMALL_MODEL,
-    small_params,
-    write_jsonl,
-)
+from tests.conftest import SAMPLE_DATA, SMALL_MODEL, metrics_rows, small_params, write_jsonl
 
 TRAINING_ROW_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
 VAL_ROW_KEYS = {"step", "epoch", "val_loss", "val_perplexity", "elapsed_s"}
@@ -58,7 +53,7 @@ def params_on(
 
 def metrics(out: Path) -> tuple[list[dict], list[dict]]:
     """(training rows, validation rows) of a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 
