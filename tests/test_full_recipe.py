@@ -155,3 +155,4 @@ def test_a_process_that_does_not_write_files_trains_but_saves_nothing(
     assert math.isfinite(final_loss)
     written = {p.name for p in tmp_path.iterdir()}
     assert not written & {"params.yaml", "checkpoints", "model", "adapter", "loss.png"}
+    assert "metrics.jsonl" not in written

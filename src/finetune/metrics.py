@@ -21,18 +21,23 @@ class MetricsLog:
     step, after a `training started` line, so a harness can time a run from its output.
     """
 
-    def __init__(self, path: Path, total_steps: int, prefix: str = "") -> None:
+    def __init__(self, path: Path, total_steps: int, prefix: str = "", writes: bool = True) -> None:
         self.path = path
         self.total_steps = total_steps
         self.prefix = prefix  # e.g. "[job 2] ": parallel sweep jobs share one console
-        self.file = path.open("a", encoding="utf-8")
+        # Every process of a multi-process run computes the same rows; one of them reports.
+        self.writes = writes
+        self.rows: list[dict] = []  # this run's training rows, for a process that writes no file
+        self.file = path.open("a", encoding="utf-8") if writes else open(os.devnull, "w")  # noqa: SIM115
         self.bar: tqdm | None = None
         self.started = self.last_write = 0.0
 
     def start(self, elapsed_before: float = 0.0) -> None:
         """Start the clock; a resumed run passes the training time of the run it continues, so
         that `elapsed_s` runs on rather than restarting at 0."""
-        if sys.stdout.isatty():
+        if not self.writes:
+            pass
+        elif sys.stdout.isatty():
             # Imported here: the sweep report reads metrics in the CLI process, which stays lean.
             from tqdm import tqdm
 
@@ -63,10 +68,11 @@ class MetricsLog:
         }
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.rows.append(row)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-        else:
+        elif self.writes:
             print(
                 f"{self.prefix}step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.1e} "
                 f"grad_norm {grad_norm:.2f} tok/s {tokens_per_s:.0f}",
@@ -100,7 +106,7 @@ class MetricsLog:
         """A line of progress that is not a training step's, above the bar on a terminal."""
         if self.bar is not None:
             self.bar.write(self.prefix + line)
-        else:
+        elif self.writes:
             print(self.prefix + line, flush=True)
 
     def close(self) -> None:

@@ -250,8 +250,10 @@ def train(
     metrics_path = output_dir / "metrics.jsonl"
     # A resumed run continues the rows of the run it resumes, less those of the steps it redoes;
     # a new run in an old run's directory starts the file afresh.
-    drop_rows_after(metrics_path, state.step)
-    metrics = MetricsLog(metrics_path, total_steps=steps, prefix=job_prefix())
+    writes = ranks.writes_files()
+    if writes:
+        drop_rows_after(metrics_path, state.step)
+    metrics = MetricsLog(metrics_path, total_steps=steps, prefix=job_prefix(), writes=writes)
     batches_per_epoch = math.ceil(len(examples) / params.batch_size)
 
     def save(epoch_ended: bool, stopping_now: bool) -> Path | None:
@@ -327,7 +329,10 @@ def train(
             if step == steps:
                 break
     metrics.close()
-    return state.val_loss if val_examples else late_loss(read_metrics(metrics_path))
+    if val_examples:
+        return state.val_loss
+    # The file also holds the rows before a resume; a process that writes none has its own.
+    return late_loss(read_metrics(metrics_path) if writes else metrics.rows)
 
 
 def check_nonfinite(result: StepResult, step: int, skipped: int, params: FullFinetuneParams) -> str:
