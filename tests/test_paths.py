@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from finetune.config import absolute_path
+from finetune.fields import absolute_path
 from tests.conftest import (
     SMALL_MODEL,
     max_abs_diff,

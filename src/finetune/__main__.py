@@ -29,11 +29,11 @@ from finetune.config import (
     FullFinetuneParams,
     build_params,
     config_dir,
-    field_help,
     recipe_of,
 )
 from finetune.config import register_schemas as _register_schemas
 from finetune.errors import UserError
+from finetune.fields import field_help
 from finetune.overrides import command_line, split_flags
 
 _register_schemas()

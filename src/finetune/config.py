@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.architecture import resolve_architecture
 from finetune.errors import ConfigError
+from finetune.fields import (
+    absolute_path,
+    check_bounds,
+    option,
+    require,
+    require_dir,
+    require_file,
+)
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 
@@ -32,74 +39,6 @@ def config_dir() -> Path:
     """`conf/` inside an installed wheel, else the repository's `conf/` (editable installs)."""
     packaged = Path(__file__).parent / "conf"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
-
-
-def option(
-    default: Any = None,
-    doc: str = "",
-    *,
-    factory: Any = None,
-    ge: float | None = None,
-    gt: float | None = None,
-    lt: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    note: str = "",
-) -> Any:
-    """A dataclass field whose one-line help (`doc`) shows in `--help`, with its bounds.
-
-    `ge`, `gt`, `lt` and `choices` are checked by `check_bounds`, which the dataclass's
-    `__post_init__` calls; `note` is added to the bound's message (why the bound is what it is).
-    """
-    # The forms the messages can say: `>= ge`, `> gt`, `in [ge, lt)`.
-    if (lt is not None and ge is None) or (gt is not None and (ge, lt) != (None, None)):
-        raise TypeError("a bound is ge=, gt=, or ge= with lt=")
-    bounds = {"ge": ge, "gt": gt, "lt": lt, "choices": choices, "note": note}
-    metadata = {"help": doc, **{k: v for k, v in bounds.items() if v is not None and v != ""}}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def check_bounds(config: Any, prefix: str = "") -> None:
-    """Every field of the dataclass `config` within the bounds declared with it by `option`.
-
-    `prefix` is where `config` sits in the run's parameters (`lora.`), for the message's key.
-    """
-    for f in dataclasses.fields(config):
-        value, key = getattr(config, f.name), prefix + f.name
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(
-                key, f"unknown {f.name} {value!r}; expected one of: " + ", ".join(choices)
-            )
-        bound = bound_text(f.metadata)
-        if bound and not is_within(value, f.metadata):
-            note = f" ({f.metadata['note']})" if "note" in f.metadata else ""
-            raise ConfigError(key, f"must be {bound}{note}, got {value!r}")
-
-
-def bound_text(metadata: Mapping[str, Any]) -> str:
-    """A field's numeric bound as messages and `--help` say it: `>= 1`, `in [0, 1)`; "" if none."""
-    ge, gt, lt = metadata.get("ge"), metadata.get("gt"), metadata.get("lt")
-    if lt is not None:
-        return f"in [{_shown(ge)}, {_shown(lt)})"
-    if ge is not None:
-        return f">= {_shown(ge)}"
-    if gt is not None:
-        return f"> {_shown(gt)}"
-    return ""
-
-
-def is_within(value: float, metadata: Mapping[str, Any]) -> bool:
-    ge, gt, lt = metadata.get("ge"), metadata.get("gt"), metadata.get("lt")
-    return (ge is None or value >= ge) and (gt is None or value > gt) and (lt is None or value < lt)
-
-
-def _shown(bound: float) -> str:
-    """A bound as people write it: a seed's 2**32 rather than 4294967296."""
-    if isinstance(bound, int) and bound >= 2**16 and bound & (bound - 1) == 0:
-        return f"2**{bound.bit_length() - 1}"
-    return str(bound)
 
 
 class DType(Enum):
@@ -252,7 +191,7 @@ class DatasetConfig:
             )
         # Unlike `path`, the default ("") is valid here, so the file can be checked right away.
         if self.val_path:
-            _require_file(self.val_path, "dataset.val_path", suffixes=DATASET_SUFFIXES)
+            require_file(self.val_path, "dataset.val_path", suffixes=DATASET_SUFFIXES)
 
     @property
     def has_validation(self) -> bool:
@@ -338,7 +277,7 @@ class FullFinetuneParams:
             self.resume = absolute_path(self.resume)
         check_bounds(self)
         if self.resume and self.resume.lower() not in RESUME_WORDS:
-            _require_dir(self.resume, "resume")
+            require_dir(self.resume, "resume")
         for key in ("eval_every_n_steps", "early_stopping_patience"):
             if getattr(self, key) and not self.dataset.has_validation:
                 raise ConfigError(
@@ -348,15 +287,15 @@ class FullFinetuneParams:
             raise ConfigError("output_dir", "is required")
         # Required fields of nested parts are checked here: OmegaConf builds a nested dataclass
         # with its defaults when it reads the schema, so its own __post_init__ must accept them.
-        _require_file(self.dataset.path, "dataset.path", suffixes=DATASET_SUFFIXES)
-        _require_dir(self.checkpoint, "checkpoint")
+        require_file(self.dataset.path, "dataset.path", suffixes=DATASET_SUFFIXES)
+        require_dir(self.checkpoint, "checkpoint")
         self.model = resolve_architecture(
             self.model,
             Path(self.checkpoint),
             max_seq_len=self.max_seq_len,
             extend_context=self.extend_context,
         )
-        _require(
+        require(
             self.max_seq_len <= self.model.context_length,
             "max_seq_len",
             f"must be <= model.context_length={self.model.context_length}",
@@ -364,20 +303,11 @@ class FullFinetuneParams:
         )
         if not self.tokenizer:
             self.tokenizer = str(_checkpoint_tokenizer(Path(self.checkpoint)))
-        _require_file(self.tokenizer, "tokenizer", suffixes=TOKENIZER_SUFFIXES)
+        require_file(self.tokenizer, "tokenizer", suffixes=TOKENIZER_SUFFIXES)
 
 
 # The values of `resume` that are not a path.
 RESUME_WORDS = ("true", "latest", "false")
-
-
-def absolute_path(path: str) -> str:
-    """`path` with `~` expanded, relative to the directory the command ran in ("" stays unset).
-
-    Hydra does not chdir (version_base 1.3), so that is the process's working directory. Saved
-    absolute, params.yaml and the adapter's base model name work from any other directory.
-    """
-    return str(Path(path).expanduser().absolute()) if path else ""
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -393,28 +323,6 @@ def _checkpoint_tokenizer(checkpoint: Path) -> Path:
     raise ConfigError(
         "tokenizer", f"no {' or '.join(TOKENIZER_FILES)} in {checkpoint}; set tokenizer=PATH"
     )
-
-
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(key, f"{rule}, got {value!r}")
-
-
-def _require_dir(path: str, key: str) -> None:
-    if not path:
-        raise ConfigError(key, "is required (a directory)")
-    if not Path(path).is_dir():
-        raise ConfigError(key, f"directory not found: {path}")
-
-
-def _require_file(path: str, key: str, suffixes: tuple[str, ...]) -> None:
-    kinds = " or ".join([", ".join(suffixes[:-1]), suffixes[-1]] if len(suffixes) > 1 else suffixes)
-    if not path:
-        raise ConfigError(key, f"is required (a {kinds} file)")
-    if not Path(path).is_file():
-        raise ConfigError(key, f"file not found: {path}")
-    if Path(path).suffix not in suffixes:
-        raise ConfigError(key, f"expected a {kinds} file, got {path}")
 
 
 # Every linear layer of the Llama, by its Hugging Face module name (the last part of it).
@@ -481,9 +389,9 @@ class LoraFinetuneParams(FullFinetuneParams):
                 "would change the input embedding too; leave lm_head out",
             )
         if self.adapter:
-            _require_dir(self.adapter, "adapter")
+            require_dir(self.adapter, "adapter")
         # The Meta copy is of the merged model; an adapter has no Meta layout.
-        _require(
+        require(
             self.save_merged or self.output_format is not OutputFormat.meta,
             "output_format",
             "meta needs the merged model: set save_merged=true",
@@ -595,27 +503,3 @@ def reject_unknown_keys(cfg: DictConfig, prefix: str = "") -> None:
         child = cfg._get_node(key)
         if isinstance(child, DictConfig):
             reject_unknown_keys(child, f"{prefix}{key}.")
-
-
-def field_help(params: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(name, type and bounds, default, help) for every field, nested dataclasses flattened with
-    dots."""
-    rows = []
-    for f in dataclasses.fields(params):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            rows += field_help(type(default), f"{prefix}{f.name}.")
-            continue
-        shown = default.value if isinstance(default, Enum) else default
-        kind = ", ".join(filter(None, [type_name(default, f.metadata), bound_text(f.metadata)]))
-        rows.append((prefix + f.name, kind, repr(shown), f.metadata.get("help", "")))
-    return rows
-
-
-def type_name(default: Any, metadata: Mapping[str, Any]) -> str:
-    """A field's type for `--help`; an Enum's or a string's choices as `a|b`."""
-    if isinstance(default, Enum):
-        return "|".join(m.value for m in type(default))
-    if "choices" in metadata:
-        return "|".join(metadata["choices"])
-    return type(default).__name__
