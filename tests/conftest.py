@@ -136,6 +136,29 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
     )
 
 
+def run_cli_signalled(
+    args: list[str], signum: int, when: str, cwd: Path | None = None
+) -> tuple[int, str]:
+    """`python -m finetune ARGS`, sent `signum` as soon as it prints a line starting with
+    `when`; (its exit status, everything it printed)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(when):
+            process.send_signal(signum)
+            break
+    output = "".join(lines) + process.communicate(timeout=300)[0]
+    return process.returncode, output
+
+
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("small_checkpoint"))

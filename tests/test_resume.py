@@ -25,6 +25,7 @@ from tests.conftest import (
     metrics_rows,
     model_overrides,
     run_cli,
+    run_cli_signalled,
     small_params,
 )
 
@@ -170,22 +171,9 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(
         "epochs=50",
         "max_steps=200",
     ]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "finetune", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("step 2/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    output = "".join(lines) + process.communicate(timeout=120)[0]
+    returncode, output = run_cli_signalled(args, signal.SIGTERM, "step 2/")
 
-    assert process.returncode == 128 + signal.SIGTERM, output
+    assert returncode == 128 + signal.SIGTERM, output
     saved = steps_on_disk(run_dir)
     assert len(saved) == 1 and int(saved[0].removeprefix("step_")) < 200, output
     # The command that continues the run, with its own overrides, ready to paste.

@@ -26,6 +26,7 @@ from tests.conftest import (
     SMALL_MODEL,
     model_overrides,
     run_cli,
+    run_cli_signalled,
     small_params,
 )
 
@@ -272,23 +273,9 @@ def test_ctrl_c_in_a_sweep_reports_the_jobs_so_far_and_resumes_the_sweep(
         "max_steps=30",
         "log_every_n_steps=1",
     ]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "finetune", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("[job 1] step 2/30"):
-            process.send_signal(signal.SIGINT)
-            break
-    output = "".join(lines) + process.communicate(timeout=300)[0]
+    returncode, output = run_cli_signalled(args, signal.SIGINT, "[job 1] step 2/30", tmp_path)
 
-    assert process.returncode == 128 + signal.SIGINT, output
+    assert returncode == 128 + signal.SIGINT, output
     done, stopped, not_run = read_summary(sweep_dir)
     assert (done["status"], done["steps"]) == ("completed", "30")
     checkpoint = sorted((sweep_dir / "1" / "checkpoints").iterdir())[-1]
