@@ -394,8 +394,9 @@ def test_resume_with_other_batches_or_schedule_names_what_changed(
     with pytest.raises(UserError) as error:
         full.run(changed)
     assert str(error.value) == (
-        f"{checkpoint}: saved with batch_size=2, lr=0.001, but this run has batch_size=1, "
-        "lr=0.002; resume with the settings of the run it continues"
+        f"{checkpoint}: saved with global_batch_size=4, lr=0.001, but this run has "
+        "global_batch_size=2 (batch_size x gradient_accumulation_steps x processes), lr=0.002; "
+        "resume with the settings of the run it continues"
     )
 
 

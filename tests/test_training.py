@@ -270,14 +270,14 @@ def test_optimizer_steps_group_micro_batches_per_epoch(
     )
     steps = list(optimizer_steps(numbered_examples(10), params, pad_id=0))
 
-    assert [(epoch, [len(example_ids(b)) for b in group]) for epoch, group in steps] == [
-        (0, [4, 4]),
-        (0, [2]),
-        (1, [4, 4]),
-        (1, [2]),
+    assert [(epoch, n, [len(example_ids(b)) for b in group]) for epoch, n, group in steps] == [
+        (0, 8, [4, 4]),
+        (0, 2, [2]),
+        (1, 8, [4, 4]),
+        (1, 2, [2]),
     ]
     for epoch in (0, 1):
-        ids = [i for e, group in steps if e == epoch for b in group for i in example_ids(b)]
+        ids = [i for e, _, group in steps if e == epoch for b in group for i in example_ids(b)]
         assert ids == list(range(10))
     assert len(steps) == total_steps(params, 10) == 4
 
@@ -296,7 +296,7 @@ def test_optimizer_steps_shuffle_each_epoch_differently(
     )
     steps = list(optimizer_steps(numbered_examples(20), params, pad_id=0))
     orders = [
-        [i for e, group in steps if e == epoch for b in group for i in example_ids(b)]
+        [i for e, _, group in steps if e == epoch for b in group for i in example_ids(b)]
         for epoch in (0, 1)
     ]
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(20))
@@ -490,7 +490,7 @@ def test_a_recipe_collate_function_makes_the_batches_of_training_and_evaluation(
         return batch
 
     steps = list(optimizer_steps(numbered_examples(3), params, 0, collate=recording_collate))
-    assert [example_ids(b) for _, group in steps for b in group] == [[0, 1], [2]]
+    assert [example_ids(b) for _, _, group in steps for b in group] == [[0, 1], [2]]
     assert collated == [[0, 1], [2]]
     evaluate(small_model(), numbered_examples(3), params, 0, collate=recording_collate)
     assert collated == [[0, 1], [2], [0, 1], [2]]

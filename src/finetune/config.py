@@ -268,6 +268,13 @@ class FullFinetuneParams:
     extend_context: bool = option(
         False, "allow a model.context_length beyond the checkpoint's (saved as the new one)"
     )
+    nproc_per_node: int = option(
+        1, "processes (one per GPU) on each node; above 1 the model is sharded (FSDP2)", ge=1
+    )
+    nnodes: int = option(1, "nodes the run spans, nproc_per_node processes on each", ge=1)
+    cpu_offload: bool = option(
+        False, "sharded runs: keep the sharded weights and optimizer state in CPU memory"
+    )
 
     def __post_init__(self) -> None:
         self.checkpoint = absolute_path(self.checkpoint)

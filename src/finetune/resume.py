@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import ranks
 from finetune.config import FullFinetuneParams
 from finetune.errors import UserError
 from finetune.model import Llama
@@ -17,11 +18,12 @@ from finetune.training_state import TrainingState, find_checkpoint, load_checkpo
 log = logging.getLogger(__name__)
 
 
-# What a resumed run cannot change: the data order and batches (batch_size, ..., max_seq_len),
-# and what the restored optimizer holds (lr, weight_decay) or the schedule's start (warmup).
+# What a resumed run cannot change: the data order and the examples of each optimizer step
+# (global_batch_size, seed, ..., max_seq_len), and what the restored optimizer holds (lr,
+# weight_decay) or the schedule's start (warmup). How a step's examples are split into
+# micro-batches and processes may change: 2 processes x batch_size=2 continue as 1 x 4.
 RESUME_SETTINGS = (
-    "batch_size",
-    "gradient_accumulation_steps",
+    "global_batch_size",
     "seed",
     "shuffle",
     "max_seq_len",
@@ -31,13 +33,22 @@ RESUME_SETTINGS = (
 )
 
 
+EXPLAINED = {"global_batch_size": " (batch_size x gradient_accumulation_steps x processes)"}
+
+
 # What it can: the run's length, to train a finished run for longer (or end an unfinished one
 # sooner). The cosine decay is then recomputed over the new length.
 LENGTH_SETTINGS = ("epochs", "max_steps")
 
 
 def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool]:
-    return {key: getattr(params, key) for key in RESUME_SETTINGS + LENGTH_SETTINGS}
+    settings = {"global_batch_size": global_batch_size(params)}
+    return settings | {key: getattr(params, key) for key in RESUME_SETTINGS[1:] + LENGTH_SETTINGS}
+
+
+def global_batch_size(params: FullFinetuneParams) -> int:
+    """The examples of one optimizer step: batch_size x gradient_accumulation_steps x processes."""
+    return params.batch_size * params.gradient_accumulation_steps * ranks.world_size()
 
 
 def resume(
@@ -61,7 +72,7 @@ def resume(
     changed = [key for key in RESUME_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
     if changed:
         saved = ", ".join(f"{key}={state.settings[key]}" for key in changed)
-        now = ", ".join(f"{key}={ours[key]}" for key in changed)
+        now = ", ".join(f"{key}={ours[key]}{EXPLAINED.get(key, '')}" for key in changed)
         raise UserError(
             f"{directory}: saved with {saved}, but this run has {now}; resume with the "
             "settings of the run it continues"

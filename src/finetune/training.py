@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from finetune import ranks
 from finetune.config import DType, FullFinetuneParams, recipe_of
-from finetune.data import Batch, Example, collate, epoch_order
+from finetune.data import IGNORE_INDEX, Batch, Example, collate, epoch_order
 from finetune.errors import UserError
 from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
@@ -86,40 +86,46 @@ def optimizer_steps(
     params: FullFinetuneParams,
     pad_id: int,
     start_epoch: int = 0,
-    start_batch: int = 0,
+    start_example: int = 0,
     collate: Collate = collate,
-) -> Iterator[tuple[int, list[Batch]]]:
-    """(epoch, the micro-batches of one optimizer step), over every epoch: the loop's one source
-    of data, this process's share of each epoch (`ranks.this_rank`).
+) -> Iterator[tuple[int, int, list[Batch]]]:
+    """(epoch, examples in the step over all processes, this process's micro-batches of it), for
+    every optimizer step of every epoch: the loop's one source of data (see `ranks.this_rank`).
 
-    Starts at micro-batch `start_batch` of `start_epoch` (a resumed run): the order is rebuilt
-    from (seed, epoch) and the consumed part sliced off, so nothing skipped is collated.
+    Starts after the first `start_example` examples of `start_epoch` (a resumed run): the order is
+    rebuilt from (seed, epoch) and the consumed part sliced off, so nothing skipped is collated.
     """
     for epoch in range(start_epoch, params.epochs):
-        order = ranks.this_rank(epoch_order(len(examples), params.shuffle, params.seed, epoch))
+        order = epoch_order(len(examples), params.shuffle, params.seed, epoch)
         if epoch == start_epoch:
-            order = order[start_batch * params.batch_size :]
-        group: list[Batch] = []
-        for batch in collated(examples, order, params, pad_id, collate):
-            group.append(batch)
-            if len(group) == params.gradient_accumulation_steps:
-                yield epoch, group
-                group = []
-        if group:
-            yield epoch, group
+            order = order[start_example:]
+        chunks = ranks.this_rank(order, params.batch_size)
+        accumulation = params.gradient_accumulation_steps
+        per_step = accumulation * params.batch_size * ranks.world_size()
+        for step, start in enumerate(range(0, len(chunks), accumulation)):
+            group = chunks[start : start + accumulation]
+            n_examples = len(order[step * per_step : (step + 1) * per_step])
+            batches = [collated(examples, chunk, order, pad_id, params, collate) for chunk in group]
+            yield epoch, n_examples, batches
 
 
 def collated(
     examples: list[Example],
+    chunk: list[int],
     order: list[int],
-    params: FullFinetuneParams,
     pad_id: int,
+    params: FullFinetuneParams,
     collate: Collate,
-) -> Iterator[Batch]:
-    """The examples of `order`, `params.batch_size` at a time, each group made one batch."""
-    for start in range(0, len(order), params.batch_size):
-        chunk = [examples[i] for i in order[start : start + params.batch_size]]
-        yield collate(chunk, pad_id, params.pad_to_multiple_of)
+) -> Batch:
+    """The examples of `chunk` made one batch. An empty chunk (this process's share of an epoch's
+    last micro-batch, when fewer examples than processes are left) becomes the epoch's first
+    example with no labels: the process runs the step with the others and adds nothing to it."""
+    if chunk:
+        return collate([examples[i] for i in chunk], pad_id, params.pad_to_multiple_of)
+    stand_in = collate([examples[order[0]]], pad_id, params.pad_to_multiple_of)
+    return dataclasses.replace(
+        stand_in, targets=torch.full_like(stand_in.targets, IGNORE_INDEX), n_tokens=0
+    )
 
 
 @dataclass
@@ -195,14 +201,16 @@ def evaluate(
     n_targets = 0
     order = list(range(len(examples)))
     with torch.no_grad():
-        for batch in collated(examples, order, params, pad_id, collate):
+        for chunk in ranks.this_rank(order, params.batch_size):
+            batch = collated(examples, chunk, order, pad_id, params, collate)
             with autocast(device, params.dtype):
                 loss_sum += loss_fn(model, on_device(batch, device))
             n_targets += batch.n_targets
+    loss, n_targets = ranks.sum_over_ranks(float(loss_sum)), ranks.sum_over_ranks(n_targets)
     model.train(was_training)
     if n_targets == 0:
         raise UserError("the validation data has no labelled tokens to compute a loss on")
-    return float(loss_sum) / n_targets
+    return loss / n_targets
 
 
 def train(
@@ -254,7 +262,6 @@ def train(
     if writes:
         drop_rows_after(metrics_path, state.step)
     metrics = MetricsLog(metrics_path, total_steps=steps, prefix=job_prefix(), writes=writes)
-    batches_per_epoch = math.ceil(len(examples) / params.batch_size)
 
     def save(epoch_ended: bool, stopping_now: bool) -> Path | None:
         every = params.save_every_n_steps
@@ -288,10 +295,10 @@ def train(
         # Last, so that the next dropout mask is the one the interrupted run would have drawn.
         restore_rng(state.rng)
     loss, tokens_since_log = math.nan, 0
-    data = optimizer_steps(examples, params, pad_id, state.epoch, state.batch_index, collate)
+    data = optimizer_steps(examples, params, pad_id, state.epoch, state.examples_done, collate)
     stop = StopRequest(output_dir)
     with stop.installed():
-        for epoch, micro_batches in data:
+        for epoch, n_examples, micro_batches in data:
             if state.step >= steps:  # resumed from the last step: nothing left to do
                 break
             step = state.step + 1
@@ -300,7 +307,7 @@ def train(
             scheduler.step()
             loss = result.loss
             tokens_since_log += result.n_tokens
-            epoch_ended = advance(state, epoch, micro_batches, result.n_tokens, batches_per_epoch)
+            epoch_ended = advance(state, epoch, n_examples, result.n_tokens, len(examples))
             if not result.finite:
                 state.skipped_steps += 1
                 metrics.say(check_nonfinite(result, step, state.skipped_steps, params))

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from finetune.data import Batch
 from finetune.errors import UserError
 from finetune.outputs import atomic_directory, restore_interrupted
 
@@ -35,11 +34,12 @@ _STEP_DIR = re.compile(r"step_(\d+)")
 @dataclass
 class TrainingState:
     """Where a run stands after `step` optimizer steps. Checkpoints are taken between optimizer
-    steps, so no gradient accumulation is ever in flight: `batch_index` is also its position."""
+    steps, so no gradient accumulation is ever in flight: `examples_done` is also its position,
+    whatever the number of processes and the micro-batch size."""
 
     step: int = 0
     epoch: int = 0  # the epoch the next micro-batch comes from
-    batch_index: int = 0  # micro-batches of `epoch` already consumed
+    examples_done: int = 0  # examples of `epoch` already trained on, by all processes
     tokens_seen: int = 0
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient
     n_examples: int = 0  # the training set's size, to refuse a checkpoint of other data
@@ -250,15 +250,15 @@ def should_stop_early(state: TrainingState, val_loss: float, patience: int) -> b
 def advance(
     state: TrainingState,
     epoch: int,
-    micro_batches: list[Batch],
+    n_examples: int,
     n_tokens: int,
-    batches_per_epoch: int,
+    epoch_size: int,
 ) -> bool:
     """Record one finished optimizer step in `state`; True when it ended an epoch."""
     state.step += 1
     state.tokens_seen += n_tokens
     state.epoch = epoch
-    state.batch_index += len(micro_batches)
-    if state.batch_index >= batches_per_epoch:
-        state.epoch, state.batch_index = epoch + 1, 0
-    return state.batch_index == 0
+    state.examples_done += n_examples
+    if state.examples_done >= epoch_size:
+        state.epoch, state.examples_done = epoch + 1, 0
+    return state.examples_done == 0
