@@ -483,7 +483,9 @@ def test_a_new_run_where_a_finished_run_left_only_its_adapter_is_refused(
 
 
 def test_a_finished_run_with_step_checkpoints_is_offered_a_longer_resume(tmp_path: Path) -> None:
-    write_files(tmp_path, {"model/config.json": "{}\n", "checkpoints/step_000004/state.pt": ""})
+    write_files(
+        tmp_path, {"model/config.json": "{}\n", "checkpoints/step_000004/training.json": ""}
+    )
     with pytest.raises(UserError) as caught:
         check_no_finished_run(tmp_path)
     assert str(caught.value) == (

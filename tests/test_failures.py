@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -210,7 +211,17 @@ def fail_writes_after(monkeypatch: pytest.MonkeyPatch, module: object, name: str
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fail_writes_after(monkeypatch, training_state.torch, "save", 1)
+    # Every tensor of the second checkpoint fails to write, as DCP reports it.
+    real_write = training_state.dcp.FileSystemWriter.write_data
+    saves = []
+
+    def write_data(self: object, plan: object, planner: object) -> object:
+        saves.append(1)
+        if len(saves) == 2:
+            torch_save_onto_a_full_disk({"w": torch.zeros(10_000)})
+        return real_write(self, plan, planner)
+
+    monkeypatch.setattr(training_state.dcp.FileSystemWriter, "write_data", write_data)
     params = small_params(small_checkpoint, tmp_path, "max_steps=6", "save_every_n_steps=2")
     with pytest.raises(UserError) as error:
         full.run(params)
@@ -220,7 +231,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
         f"nothing was written; the latest complete checkpoint is {checkpoints / 'step_000002'}"
     )
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000002"]
-    saved = torch.load(checkpoints / "step_000002" / "state.pt", weights_only=True)
+    saved = json.loads((checkpoints / "step_000002" / "training.json").read_text())
     assert saved["training"]["step"] == 2
 
 
@@ -272,7 +283,7 @@ def test_an_interrupted_replacement_keeps_the_old_directory(
     assert (target / "weights").read_text() == "old"
     step = tmp_path / "checkpoints" / "step_000003"
     step.mkdir(parents=True)
-    (step / "state.pt").write_text("")
+    (step / "training.json").write_text("")
     os.replace(step, step.with_name("step_000003.old"))
     assert checkpoint_dirs(tmp_path) == [step]
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from finetune.architecture import check_architecture, hf_architecture
 from finetune.checkpoint_files import CheckpointFiles, CheckpointFormat, find_checkpoint
 from finetune.config import ModelConfig, OutputDType
+from finetune.distributed import local_device, local_part, shard_rows
 from finetune.errors import UserError
 from finetune.hf_format import TIED_OUTPUT, TORCH_DTYPE_NAMES, hf_key
 from finetune.lean_loading import copy_from_file, load_torch_file, tensor_from_file
@@ -45,23 +46,9 @@ def load_checkpoint(
 ) -> Llama:
     """A model of architecture `cfg` with the weights of `ckpt_dir` (Hugging Face's or Meta's
     format, told by its files), in `dtype` on `device`."""
-    found = find_checkpoint(Path(ckpt_dir))
     with torch.device("meta"):
         model = Llama(cfg)
-    file_key = meta_key if found.format is CheckpointFormat.meta else hf_key
-    names = {file_key(name): name for name in model.state_dict()}
-    shapes = {key: model.get_parameter(name).shape for key, name in names.items()}
-    weights = _read_weights(found, cfg, shapes, device, dtype)
-    state = {names[key]: tensor for key, tensor in weights}
-    if cfg.tie_word_embeddings:
-        _drop_tied_output(found, state)
-        names = {key: name for key, name in names.items() if name != TIED_OUTPUT}
-    missing = [key for key, name in names.items() if name not in state]
-    if missing:
-        raise UserError(
-            f"{found.listing}: missing {missing[0]!r} "
-            f"({len(missing)} of the model's {len(names)} weights are missing)"
-        )
+    state = dict(_checkpoint_weights(cfg, Path(ckpt_dir), device, dtype))
     # Not strict: a tied model's lm_head.weight is not in `state`; every other weight is.
     model.load_state_dict(state, assign=True, strict=False)
     # `assign` put a new embedding Parameter in place: point the output layer at it again.
@@ -69,13 +56,78 @@ def load_checkpoint(
     return model
 
 
-def _drop_tied_output(found: CheckpointFiles, state: dict[str, torch.Tensor]) -> None:
+@torch.no_grad()
+def load_sharded_weights(model: Llama, ckpt_dir: Path) -> None:
+    """Copy the weights of `ckpt_dir` into `model`, whose parameters are sharded across processes
+    (distributed.shard_model): each process reads only the rows of each tensor that it holds,
+    so none ever holds the whole model. An adapted layer's weight goes to its frozen base."""
+    params = {name: _base_parameter(model, name) for name in _plain_names(model.cfg)}
+    rows = {name: shard_rows(param) for name, param in params.items()}
+    dtype = next(iter(params.values())).dtype
+    for name, tensor in _checkpoint_weights(model.cfg, Path(ckpt_dir), local_device(), dtype, rows):
+        local_part(params[name]).copy_(tensor)
+
+
+def _plain_names(cfg: ModelConfig) -> list[str]:
+    """The parameter names of a Llama of architecture `cfg`, as its checkpoints store them."""
+    with torch.device("meta"):
+        return list(Llama(cfg).state_dict())
+
+
+def _base_parameter(model: Llama, name: str) -> torch.Tensor:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    # A LoRA layer wraps the layer it adapts as `base` (lora.LoRALinear).
+    return getattr(getattr(module, "base", module), leaf)
+
+
+def _checkpoint_weights(
+    cfg: ModelConfig,
+    ckpt_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    rows: dict[str, slice] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(parameter name, tensor) for every weight of a Llama of architecture `cfg` stored in
+    `ckpt_dir`, read one at a time, each cut to `rows[name]` of dim 0 if given; a missing weight
+    is an error once the rest are read."""
+    found = find_checkpoint(ckpt_dir)
+    file_key = meta_key if found.format is CheckpointFormat.meta else hf_key
+    names = {file_key(name): name for name in _plain_names(cfg)}
+    with torch.device("meta"):
+        shapes = {key: Llama(cfg).get_parameter(name).shape for key, name in names.items()}
+    file_rows = {key: rows[name] for key, name in names.items()} if rows else {}
+    weights = _read_weights(found, cfg, shapes, device, dtype, file_rows)
+    seen = set()
+    output = embedding = None
+    for key, tensor in weights:
+        name = names[key]
+        if cfg.tie_word_embeddings and name == TIED_OUTPUT:
+            output = tensor
+            continue
+        if name == "embed_tokens.weight":
+            embedding = tensor
+        seen.add(key)
+        yield name, tensor
+    if output is not None and embedding is not None:
+        _check_tied_output(found, output, embedding)
+    if cfg.tie_word_embeddings:
+        names = {key: name for key, name in names.items() if name != TIED_OUTPUT}
+    missing = [key for key in names if key not in seen]
+    if missing:
+        raise UserError(
+            f"{found.listing}: missing {missing[0]!r} "
+            f"({len(missing)} of the model's {len(names)} weights are missing)"
+        )
+
+
+def _check_tied_output(
+    found: CheckpointFiles, output: torch.Tensor, embedding: torch.Tensor
+) -> None:
     """A tied checkpoint may still hold lm_head.weight: a copy of the embedding is dropped, but a
     different one is refused, since transformers versions disagree on it (5.x then unties the
     two, 4.x overwrote lm_head with the embedding)."""
-    output = state.pop(TIED_OUTPUT, None)
-    embedding = state.get("embed_tokens.weight")
-    if output is not None and embedding is not None and not torch.equal(output, embedding):
+    if not torch.equal(output, embedding):
         raise UserError(
             f"{found.config}: tie_word_embeddings=true but {found.listing.name} holds an "
             "lm_head.weight that differs from the embedding; set tie_word_embeddings to false "
@@ -93,14 +145,19 @@ def _read_weights(
     shapes: dict[str, torch.Size],
     device: torch.device,
     dtype: torch.dtype,
+    rows: dict[str, slice],
 ) -> Weights:
-    """Check the architecture, then read the tensors in the format's own way."""
+    """Check the architecture, then read the tensors in the format's own way; a key in `rows`
+    is read only for those rows of dim 0."""
     check_architecture(cfg, found.config.parent)
     if found.format is CheckpointFormat.meta:
-        return _read_meta(found.weights, shapes, cfg.head_dim, device, dtype)
+        return _read_meta(found.weights, shapes, cfg.head_dim, device, dtype, rows)
     if found.format is CheckpointFormat.hf_safetensors:
-        return _read_hf_safetensors(found.weights, shapes, device, dtype)
-    return _read_hf_bin(found.weights, shapes, device, dtype)
+        return _read_hf_safetensors(found.weights, shapes, device, dtype, rows)
+    return _read_hf_bin(found.weights, shapes, device, dtype, rows)
+
+
+ALL = slice(None)
 
 
 # Checkpoints saved by transformers before 4.31 (Llama-2's on the Hub among them) carry each
@@ -109,7 +166,11 @@ HF_ROTARY_BUFFER = "rotary_emb.inv_freq"
 
 
 def _read_hf_safetensors(
-    files: list[Path], shapes: dict[str, torch.Size], device: torch.device, dtype: torch.dtype
+    files: list[Path],
+    shapes: dict[str, torch.Size],
+    device: torch.device,
+    dtype: torch.dtype,
+    rows: dict[str, slice],
 ) -> Weights:
     for file in files:
         try:
@@ -119,20 +180,24 @@ def _read_hf_safetensors(
                         continue
                     view = f.get_tensor(key)  # memory-mapped: nothing is read yet
                     _check_shape(file, key, view.shape, shapes.get(key))
-                    yield key, tensor_from_file(view, device, dtype)
+                    yield key, tensor_from_file(view[rows.get(key, ALL)], device, dtype)
         except SafetensorError as e:
             raise UserError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def _read_hf_bin(
-    files: list[Path], shapes: dict[str, torch.Size], device: torch.device, dtype: torch.dtype
+    files: list[Path],
+    shapes: dict[str, torch.Size],
+    device: torch.device,
+    dtype: torch.dtype,
+    rows: dict[str, slice],
 ) -> Weights:
     for file in files:
         for key, view in load_torch_file(file).items():
             if key.endswith(HF_ROTARY_BUFFER):
                 continue
             _check_shape(file, key, view.shape, shapes.get(key))
-            yield key, tensor_from_file(view, device, dtype)
+            yield key, tensor_from_file(view[rows.get(key, ALL)], device, dtype)
 
 
 def _read_meta(
@@ -141,8 +206,10 @@ def _read_meta(
     head_dim: int,
     device: torch.device,
     dtype: torch.dtype,
+    rows: dict[str, slice],
 ) -> Weights:
-    """Meta's shards, merged one key at a time: only that key's slices are read at once."""
+    """Meta's shards, merged one key at a time: only that key's slices are read at once (then
+    cut to `rows`: model-parallel slices split some weights along dim 1, so every row is read)."""
     shards = [load_torch_file(file) for file in files]
     check_same_keys(files, shards)
     for key in shards[0]:
@@ -151,7 +218,8 @@ def _read_meta(
         if key not in shapes:
             raise UserError(f"{files[0]}: unexpected key {key!r} for a Llama model")
         slices = [shard[key] for shard in shards]
-        yield key, _merge_slices(files, key, slices, shapes[key], head_dim, device, dtype)
+        merged = _merge_slices(files, key, slices, shapes[key], head_dim, device, dtype)
+        yield key, merged[rows[key]].clone() if key in rows else merged
 
 
 def _merge_slices(

@@ -12,6 +12,18 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+
+from finetune.config import DType, FullFinetuneParams
+from finetune.model import Llama
 
 
 def started_by_launcher() -> bool:
@@ -46,3 +58,70 @@ def local_device() -> torch.device:
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_model(model: Llama, params: FullFinetuneParams) -> None:
+    """Shard `model`, built on the meta device, across every process (FSDP2): each decoder block
+    is one unit, whose weights are gathered for its forward and backward and freed after; the
+    root holds the rest (embedding, final norm, output layer).
+
+    Called after activation checkpointing and compile are applied (parallel.prepare_model), as
+    torchtitan orders them. The weights stay fp32 shards, as the optimizer state does: bf16 runs
+    gather them in bf16 and reduce gradients in fp32, the numerics of one process's autocast.
+    """
+    mesh = init_device_mesh(local_device().type, (dist.get_world_size(),))
+    mixed = MixedPrecisionPolicy()
+    if params.dtype is DType.bf16:
+        mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # Pinned memory needs an accelerator: a CPU-only torch refuses the default pin_memory=True.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if params.cpu_offload else None
+    options = {"mesh": mesh, "mp_policy": mixed, "offload_policy": offload or OffloadPolicy()}
+    for block in model.layers:
+        fully_shard(block, **options)
+    # The root's weights are needed again first thing in the backward pass (the output layer):
+    # keeping them gathered after the forward saves an all-gather per step.
+    fully_shard(model, **options, reshard_after_forward=False)
+    for unit in fsdp_units(model):
+        # Each process's loss is divided by the labelled tokens of the whole step (all processes),
+        # so the gradients add up to the step's: summed, not averaged.
+        unit.set_gradient_divide_factor(1.0)
+        # A plain sum: the pre-multiplied one is NCCL's only, and gloo refuses it.
+        unit.set_force_sum_reduction_for_comms(True)
+    model.to_empty(device="cpu" if params.cpu_offload else local_device())
+
+
+def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def shard_rows(param: torch.Tensor) -> slice:
+    """The rows of the full tensor that this process holds of `param` (all of them unless it is
+    sharded): FSDP2 splits dim 0 as `torch.chunk` does, the last shards smaller or empty."""
+    if not isinstance(param, DTensor):
+        return slice(None)
+    rows = param.shape[0]
+    per_rank = -(-rows // dist.get_world_size())
+    start = min(rows, dist.get_rank() * per_rank)
+    return slice(start, min(rows, start + per_rank))
+
+
+def local_part(param: torch.Tensor) -> torch.Tensor:
+    """The tensor this process stores for `param`: its shard, or `param` itself."""
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """`param` whole on every process: an all-gather of a sharded one, so every process must
+    call it, in the same order."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+def set_requires_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """Gradient accumulation: reduce gradients across processes only on the step's last
+    micro-batch, not once per micro-batch (the sum is the same)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)

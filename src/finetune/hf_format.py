@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from finetune import ranks
 from finetune.architecture import HF_CONFIG_KEYS
 from finetune.checkpoint_files import SAFETENSORS_INDEX
 from finetune.config import ModelConfig
+from finetune.distributed import full_tensor
 from finetune.model import Llama
 
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -59,26 +61,36 @@ def save_hf(
 ) -> None:
     """Write `model` as a Hugging Face checkpoint that transformers and vLLM load as they are.
 
-    `chat_template` goes into tokenizer_config.json unless the tokenizer's own has one.
+    `chat_template` goes into tokenizer_config.json unless the tokenizer's own has one. One
+    safetensors file at a time is gathered and written, so a sharded model (every process calls
+    this; rank 0 writes) is never whole on one process, and a model on one process is never
+    copied whole into the output dtype.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        hf_key(name): t.detach().to(device="cpu", dtype=dtype).contiguous()
+    writes = ranks.writes_files()
+    state = {
+        hf_key(name): t
         for name, t in model.state_dict().items()
         # transformers writes a tied model without lm_head.weight, and ties it when loading.
         if not (model.cfg.tie_word_embeddings and name == TIED_OUTPUT)
     }
-    shards = _split_into_shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out_dir / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    sizes = {key: t.numel() * dtype.itemsize for key, t in state.items()}
+    shards = _split_into_shards(sizes, max_shard_bytes)
+    files = ["model.safetensors"]
+    if len(shards) > 1:
+        files = [
+            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+        ]
+    if writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for file, keys in zip(files, shards, strict=True):
+        tensors = {key: _to_save(state[key], dtype) for key in keys}
+        if writes:
+            save_file(tensors, out_dir / file, metadata={"format": "pt"})
+    if not writes:
+        return
+    if len(shards) > 1:
+        weight_map = {key: file for file, keys in zip(files, shards, strict=True) for key in keys}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = hf_config(model.cfg, dtype, bos_id, eos_id)
     _write_json(out_dir / "config.json", config)
@@ -91,23 +103,28 @@ def save_hf(
         _add_chat_template(out_dir / "tokenizer_config.json", chat_template)
 
 
+@torch.no_grad()
+def _to_save(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` whole (gathered when sharded), on the CPU in `dtype`, contiguous."""
+    return full_tensor(tensor).to(device="cpu", dtype=dtype).contiguous()
+
+
 def _add_chat_template(path: Path, template: str) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     config.setdefault("chat_template", template)
     _write_json(path, config)
 
 
-def _split_into_shards(
-    tensors: dict[str, torch.Tensor], max_shard_bytes: int
-) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _split_into_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """The keys of each file, in order, each file at most `max_shard_bytes` unless one tensor is
+    larger."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for key, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = t
+        shards[-1].append(key)
         size += nbytes
     return shards
 

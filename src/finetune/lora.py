@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from finetune.config import LoraConfig
+from finetune.distributed import local_part, shard_rows
 from finetune.model import Llama
 from finetune.qlora import NF4Linear, quantize_base_weights
 
@@ -48,20 +49,38 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.use_dora = use_dora
         self.dropout = nn.Dropout(dropout)
-        device = base.weight.device
-        self.lora_A = nn.Linear(
-            base.in_features, rank, bias=False, device=device, dtype=torch.float32
-        )
-        self.lora_B = nn.Linear(
-            rank, base.out_features, bias=False, device=device, dtype=torch.float32
-        )
-        # PEFT's default: A Kaiming-uniform as nn.Linear initialises itself, B zero, so a fresh
-        # adapter changes nothing.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        # Made without values (nn.Linear's own initialisation would draw from the RNG), then
+        # given them by `init_adapter` alone: one sequence of draws, whether the model is built
+        # on one process or on the meta device and sharded.
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device="meta")
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device="meta")
         if use_dora:
-            # m starts at ‖W + s·B A‖ = ‖W‖ per output row, so a fresh DoRA adapter is the identity.
-            self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+            m = torch.empty(base.out_features, device="meta")
+            self.lora_magnitude_vector = nn.Parameter(m)
+        device = base.weight.device
+        if device.type != "meta":  # a model built on meta is initialised once its base is loaded
+            self.lora_A.to_empty(device=device)
+            self.lora_B.to_empty(device=device)
+            if use_dora:
+                self.lora_magnitude_vector = nn.Parameter(torch.empty_like(m, device=device))
+            self.init_adapter()
+
+    @torch.no_grad()
+    def init_adapter(self) -> None:
+        """PEFT's initialisation: A Kaiming-uniform as nn.Linear initialises itself, B zero, so a
+        fresh adapter changes nothing; DoRA's m is then ‖W + s·B A‖ = ‖W‖ per output row.
+
+        Works on a layer sharded across processes (distributed.shard_model) too: every process
+        draws the whole A, from the same seed, and keeps its rows, so A is the same as on one
+        process; B's and m's rows go with W's.
+        """
+        a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        local_part(self.lora_A.weight).copy_(a[shard_rows(self.lora_A.weight)])
+        local_part(self.lora_B.weight).zero_()
+        if self.use_dora:
+            rows = local_part(self.base_weight(torch.float32))
+            local_part(self.lora_magnitude_vector).copy_(torch.linalg.vector_norm(rows, dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base_out = self.base(x)
@@ -150,6 +169,12 @@ def apply_lora(model: Llama, cfg: LoraConfig) -> None:
         if isinstance(module, (nn.Linear, NF4Linear)) and name.rpartition(".")[2] in cfg.targets:
             wrapped = LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_dora)
             model.set_submodule(name, wrapped)
+
+
+def init_adapters(model: nn.Module) -> None:
+    """Initialise every adapter of `model` (see `LoRALinear.init_adapter`), in module order."""
+    for module in lora_modules(model).values():
+        module.init_adapter()
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from finetune import ranks
 from finetune.architecture import LLAMA2_ROPE_THETA, meta_ffn_dim
 from finetune.checkpoint_files import PARAMS_FILE, shard_name
 from finetune.config import ModelConfig
+from finetune.distributed import full_tensor
 from finetune.errors import UserError
 from finetune.model import Llama
 
@@ -187,7 +189,7 @@ def meta_state_dict(model: Llama, dtype: torch.dtype) -> dict[str, torch.Tensor]
     state = {}
     for name, tensor in model.state_dict().items():
         key = meta_key(name)
-        tensor = tensor.detach().to(device="cpu", dtype=dtype)
+        tensor = full_tensor(tensor).detach().to(device="cpu", dtype=dtype)
         if is_rotary(key):
             tensor = pairs_from_halves(tensor, model.cfg.head_dim)
         state[key] = tensor
@@ -228,8 +230,12 @@ def save_meta(
     if model.cfg.n_kv_heads % n_shards:
         # Meta's reference code gives each rank whole heads, key/value heads included.
         raise UserError(f"n_shards={n_shards} does not divide n_kv_heads={model.cfg.n_kv_heads}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Meta's files each hold a slice of every weight: a sharded model is gathered whole to the
+    # process that writes (every process must call this).
     state = meta_state_dict(model, dtype)
+    if not ranks.writes_files():
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
     for index, shard in enumerate(split_into_shards(state, n_shards)):
         # Through a file object: a failed write then surfaces as its OSError (see write_error).
         with (out_dir / shard_name(index)).open("wb") as f:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import ranks
 from finetune.checkpoint import output_dtype
 from finetune.config import FullFinetuneParams, OutputFormat
 from finetune.errors import UserError
@@ -55,6 +56,18 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
             reason = f"{cause.filename}: {reason}"  # e.g. a file copied in went missing
         kept = "its previous contents are kept" if directory.exists() else "nothing was written"
         raise UserError(f"{directory}: could not write it ({reason}); {kept}") from None
+
+
+@contextmanager
+def written_by_rank_zero(directory: Path) -> Iterator[Path]:
+    """`atomic_directory(directory)` on the process that writes the run's files; the others,
+    which take part in gathering what is written (a sharded model), write nothing and get
+    `directory` itself."""
+    if not ranks.writes_files():
+        yield directory
+        return
+    with atomic_directory(directory) as tmp:
+        yield tmp
 
 
 def share_like_other_files(directory: Path) -> None:

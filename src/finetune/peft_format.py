@@ -14,7 +14,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from finetune import ranks
 from finetune.config import LoraConfig
+from finetune.distributed import full_tensor, local_part, shard_rows
 from finetune.errors import UserError
 from finetune.hf_format import hf_key
 from finetune.lora import LoRALinear, lora_modules
@@ -48,6 +50,13 @@ def adapter_state_dict(model: Llama) -> dict[str, torch.Tensor]:
         for name, module in lora_modules(model).items()
         for key, tensor in module.adapter_parameters().items()
     }
+
+
+@torch.no_grad()
+def adapter_tensors(model: Llama) -> dict[str, torch.Tensor]:
+    """`adapter_state_dict` with each tensor whole: gathered from every process when the model is
+    sharded, so every process must call it."""
+    return {key: full_tensor(t) for key, t in adapter_state_dict(model).items()}
 
 
 def adapter_targets(model: Llama) -> list[str]:
@@ -84,8 +93,10 @@ def save_adapter(
     """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does, the adapter
     tensors only (PEFT takes lm_head's base weight from the base model when the file lacks it)."""
     _check_model_has(model, cfg)
+    tensors = {k: t.cpu().contiguous() for k, t in adapter_tensors(model).items()}
+    if not ranks.writes_files():
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: t.detach().cpu().contiguous() for k, t in adapter_state_dict(model).items()}
     save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = peft_adapter_config(base_model_name_or_path, cfg)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -116,7 +127,7 @@ def load_adapter(model: Llama, adapter_dir: Path) -> None:
     tensors = _read_adapter_tensors(adapter_dir / ADAPTER_WEIGHTS, expected)
     with torch.no_grad():
         for key, param in expected.items():
-            param.copy_(tensors[key])
+            local_part(param).copy_(tensors[key][shard_rows(param)])
 
 
 def _check_adapter_config(path: Path, module: LoRALinear, model: Llama) -> None:

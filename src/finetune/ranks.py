@@ -58,3 +58,9 @@ def writes_files() -> bool:
     """Whether this process writes the run's files (params.yaml, metrics, the model): rank 0,
     the one place that decides it."""
     return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every process gets here."""
+    if dist.is_initialized():
+        dist.barrier()

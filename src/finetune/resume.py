@@ -84,7 +84,8 @@ def resume(
             f"{directory}: saved at step {state.step}, after the {count(steps, 'step')} of this "
             f"run ({now}); resume with a larger max_steps or epochs"
         )
-    print(f"resuming from {directory} at step {state.step}", flush=True)
+    if ranks.writes_files():
+        print(f"resuming from {directory} at step {state.step}", flush=True)
     if lengthened:
         log.info(length_change(state, params, lengthened, steps))
     # Later checkpoints record this run's length, so that resuming one changes nothing again.

@@ -15,15 +15,19 @@ from typing import TypeVar
 
 import torch
 
+from finetune import ranks
 from finetune.chat_format import LLAMA2_CHAT_TEMPLATE
-from finetune.checkpoint import output_dtype
+from finetune.checkpoint import load_checkpoint, load_sharded_weights, output_dtype
 from finetune.config import Device, DType, FullFinetuneParams, OutputFormat
 from finetune.data import Example, load_dataset, split_examples
+from finetune.distributed import local_device, shard_model
 from finetune.errors import UserError
 from finetune.hf_format import save_hf
+from finetune.lora import init_adapters
 from finetune.meta_format import save_meta
 from finetune.model import Llama, count_parameters
-from finetune.outputs import atomic_directory, check_no_finished_run, check_writable
+from finetune.outputs import check_no_finished_run, check_writable, written_by_rank_zero
+from finetune.parallel import prepare_model
 from finetune.tokenizer import Tokenizer
 from finetune.training_state import check_resume_before_loading, is_resuming
 
@@ -47,6 +51,37 @@ def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list
     return device, tokenizer, examples
 
 
+def load_model(
+    params: FullFinetuneParams,
+    device: torch.device,
+    dtype: torch.dtype,
+    adapt: Callable[[Llama], None] | None = None,
+) -> Llama:
+    """The model to train: `params.checkpoint` in `dtype`, changed by the recipe's `adapt` (e.g.
+    adapters added), then prepared (activation checkpointing, compile).
+
+    On one process the checkpoint is loaded whole. On several, the model is built on the meta
+    device, adapted, prepared and sharded (distributed.shard_model), and only then does each
+    process read its own rows of each weight: no process ever holds the whole model.
+    """
+    if ranks.world_size() == 1:
+        model = load_checkpoint(params.model, Path(params.checkpoint), device, dtype)
+        if adapt:
+            adapt(model)
+        prepare_model(model, params)
+        return model
+    with torch.device("meta"):
+        model = Llama(params.model).to(dtype)
+    if adapt:
+        adapt(model)
+    prepare_model(model, params)
+    shard_model(model, params)
+    load_sharded_weights(model, Path(params.checkpoint))
+    # Adapters added on the meta device have no values yet; they start from the loaded base.
+    init_adapters(model)
+    return model
+
+
 def log_model(model: Llama, params: FullFinetuneParams, n_examples: int) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
@@ -64,10 +99,11 @@ def log_model(model: Llama, params: FullFinetuneParams, n_examples: int) -> None
 def save_model(
     model: Llama, params: FullFinetuneParams, tokenizer: Tokenizer, out_dir: Path
 ) -> None:
-    """The model in Hugging Face format (and Meta's with output_format=meta), in output_dtype."""
+    """The model in Hugging Face format (and Meta's with output_format=meta), in output_dtype.
+    Every process calls it: a sharded model is gathered to rank 0, which writes."""
     dtype = output_dtype(params.output_dtype, Path(params.checkpoint))
     # Atomic, so a rerun in the same directory that fails (disk full) keeps the earlier model.
-    with atomic_directory(out_dir) as tmp:
+    with written_by_rank_zero(out_dir) as tmp:
         save_hf(
             model,
             tmp,
@@ -78,12 +114,14 @@ def save_model(
             max_shard_bytes=params.max_shard_size_mb * 1_000_000,
             chat_template=LLAMA2_CHAT_TEMPLATE if params.dataset.format == "chat" else "",
         )
-    log.info("model saved to %s (%s)", out_dir, str(dtype).removeprefix("torch."))
+    if ranks.writes_files():
+        log.info("model saved to %s (%s)", out_dir, str(dtype).removeprefix("torch."))
     if params.output_format is OutputFormat.meta:
         meta_dir = out_dir.with_name(out_dir.name + "_meta")
-        with atomic_directory(meta_dir) as tmp:
+        with written_by_rank_zero(meta_dir) as tmp:
             save_meta(model, tmp, tokenizer.path, dtype)
-        log.info("Meta format copy saved to %s", meta_dir)
+        if ranks.writes_files():
+            log.info("Meta format copy saved to %s", meta_dir)
 
 
 def explains_out_of_memory(
@@ -132,7 +170,7 @@ def resolve_device(device: Device) -> torch.device:
         raise UserError("device: cuda was requested but no CUDA device is available")
     if device is Device.cpu or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda")
+    return local_device()  # this process's GPU, when there is one per process
 
 
 def seed_everything(seed: int) -> None:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from finetune import ranks
 from finetune.config import DType, FullFinetuneParams, recipe_of
 from finetune.data import IGNORE_INDEX, Batch, Example, collate, epoch_order
+from finetune.distributed import full_tensor, set_requires_gradient_sync
 from finetune.errors import UserError
 from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
@@ -72,10 +73,14 @@ def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices, not on norm weights."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # `initial_lr` is the schedule's base, which a resumed run's scheduler starts from: set here,
+    # so that it is part of the state a checkpoint saves and loads.
     groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
+    for group in groups:
+        group["initial_lr"] = lr
     # The fused kernel is one pass over the parameters; on the CPU it is ~8x faster than the
     # default multi-tensor AdamW.
     return torch.optim.AdamW(groups, lr=lr, fused=True)
@@ -162,15 +167,17 @@ def train_step(
     """One optimizer step over `micro_batches`, the loss averaged over all their labelled tokens."""
     n_targets = max(1, ranks.sum_over_ranks(sum(b.n_targets for b in micro_batches)))
     loss_sum = torch.zeros((), device=device)
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        set_requires_gradient_sync(model, i == len(micro_batches) - 1)
         with autocast(device, params.dtype):
             loss = loss_fn(model, on_device(batch, device))
         (loss / n_targets).backward()
         loss_sum += loss.detach()
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_norm = params.max_grad_norm or math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-    loss, norm = float(loss_sum) / n_targets, float(grad_norm)
+    # The norm of the whole gradient, over every process's shard of it.
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+    loss, norm = ranks.sum_over_ranks(float(loss_sum)) / n_targets, float(grad_norm)
     # Checked before the update: one NaN gradient would turn every weight it reaches into NaN.
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
@@ -267,7 +274,7 @@ def train(
         every = params.save_every_n_steps
         # The last step is saved too, so that a finished run can be continued for longer.
         due = state.step % every == 0 or epoch_ended or state.step == steps if every else False
-        if not (stopping_now or due) or not ranks.writes_files():
+        if not (stopping_now or due):
             return None
         directory = step_dir(output_dir, state.step)
         state.rng = capture_rng()
@@ -276,7 +283,8 @@ def train(
             save_checkpoint(directory, recipe, model, optimizer, state)
         except UserError as error:
             raise UserError(f"{error}; {latest_checkpoint_note(output_dir)}") from None
-        prune_checkpoints(output_dir, params.keep_last_n)
+        if ranks.writes_files():
+            prune_checkpoints(output_dir, params.keep_last_n)
         return directory
 
     def validate(step: int, epoch: int) -> float:

@@ -1,34 +1,53 @@
 """Training-state checkpoints: what a run needs to continue exactly where it stopped.
 
-    <output_dir>/checkpoints/step_000123/state.pt
+    <output_dir>/checkpoints/step_000123/
+        .metadata, __0_0.distcp, ...   the trainable weights and the optimizer state (DCP)
+        rng.pt                         the RNG states, for the next dropout mask
+        training.json                  where the run stands (TrainingState); written last
 
-`state.pt` holds plain tensors and dicts only (loaded with `weights_only=True`): the trainable
-weights, the optimizer state and a small `TrainingState`. The LR schedule is not saved: it is a
-function of the step, which the resumed run rebuilds over its own length. The data position is
-(epoch, micro-batches consumed); since an epoch's order depends only on (seed, epoch), that is
-enough to replay the same batches.
+The weights and optimizer state are a torch.distributed.checkpoint (DCP): each process writes its
+own shard, and a checkpoint saved by N processes loads into any number of them (2 -> 1, 1 -> 2),
+each reading the parts it holds. The LR schedule is not saved: it is a function of the step,
+which the resumed run rebuilds over its own length. The data position is (epoch, examples
+consumed); since an epoch's order depends only on (seed, epoch), that is enough to replay the
+same batches.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
+from finetune import ranks
 from finetune.errors import UserError
-from finetune.outputs import atomic_directory, restore_interrupted
+from finetune.outputs import atomic_directory, restore_interrupted, write_error
 
-STATE_FILE = "state.pt"
+STATE_FILE = "training.json"
+RNG_FILE = "rng.pt"
 CHECKPOINTS_DIR = "checkpoints"
-# Bumped when the layout of state.pt changes; an older file is refused rather than misread.
-FORMAT_VERSION = 1
+# Bumped when the layout of a checkpoint changes; an older one is refused rather than misread.
+FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"step_(\d+)")
+# The trainable weights only: a LoRA checkpoint holds the adapters, not the frozen base.
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 
 
 @dataclass
@@ -94,19 +113,45 @@ def save_checkpoint(
     state: TrainingState,
 ) -> None:
     """Write `directory` atomically (see `atomic_directory`): a kill at any moment leaves either
-    the complete new checkpoint or none, and the previous ones untouched."""
-    payload = {
-        "format": FORMAT_VERSION,
-        "recipe": recipe,
-        "model": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "training": asdict(state),
-    }
-    with atomic_directory(directory) as tmp, (tmp / STATE_FILE).open("wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        # Renamed before the bytes reach the disk, a power cut could leave an empty state.pt.
-        os.fsync(f.fileno())
+    the complete new checkpoint or none, and the previous ones untouched. Every process calls
+    it and writes its shard; rank 0 writes the rest and renames the directory into place."""
+    weights, optimizer_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    tmp = directory.with_name(directory.name + ".tmp")
+    writes = ranks.writes_files()
+    with atomic_directory(directory) if writes else nullcontext(tmp) as tmp:
+        ranks.barrier()  # rank 0 has made the directory
+        with _dcp_on_one_process_quietly(), _raising_this_rank_error():
+            dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        if writes:
+            with (tmp / RNG_FILE).open("wb") as f:
+                torch.save(state.rng, f)
+            training = {"format": FORMAT_VERSION, "recipe": recipe, "training": asdict(state)}
+            del training["training"]["rng"]
+            with (tmp / STATE_FILE).open("w") as f:
+                json.dump(training, f, indent=2)
+                f.flush()
+                # Renamed before the bytes reach the disk, a power cut could leave it empty.
+                os.fsync(f.fileno())
+
+
+@contextmanager
+def _raising_this_rank_error() -> Iterator[None]:
+    """DCP reports a failed write (a full disk) as a CheckpointException, a BaseException that
+    wraps each rank's error: raise this rank's own, as the OSError behind it when a write failed
+    (see `outputs.write_error`)."""
+    try:
+        yield
+    except CheckpointException as error:
+        failed = (error.failures.get(ranks.rank()) or next(iter(error.failures.values())))[0]
+        raise (write_error(failed) or failed) from None
+
+
+@contextmanager
+def _dcp_on_one_process_quietly() -> Iterator[None]:
+    """DCP warns each time it runs without a process group; on one process that is the plan."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -192,43 +237,68 @@ def load_checkpoint_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
 ) -> TrainingState:
-    """Load `directory` into the model and optimizer; returns where training stood.
+    """Load `directory` into the model and optimizer, whatever the number of processes that saved
+    it; returns where training stood.
 
     RNG states are returned, not restored: the caller restores them last, just before the next
     step, so nothing in between draws from them.
     """
     path = directory / STATE_FILE
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = json.loads(path.read_text())
+        rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: one line, not a traceback
         raise UserError(f"{path}: not a readable training checkpoint ({error})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise UserError(f"{path}: not a finetune training checkpoint (format {FORMAT_VERSION})")
     if payload["recipe"] != recipe:
         raise UserError(f"{path}: a checkpoint of recipe={payload['recipe']}, not recipe={recipe}")
-    _load_trainable(path, model, payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    return TrainingState(**payload["training"])
+    weights, optimizer_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    _check_same_weights(directory, weights)
+    saved = {"model": weights, "optimizer": optimizer_state}
+    try:
+        with _dcp_on_one_process_quietly():
+            dcp.load(saved, checkpoint_id=directory)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"{directory}: not a readable training checkpoint ({reason})") from None
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=saved["model"],
+        optim_state_dict=saved["optimizer"],
+        # Not strict: the frozen weights are not in a checkpoint (`_check_same_weights` has
+        # compared the trainable ones).
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )
+    return TrainingState(**payload["training"], rng=rng)
 
 
-def _load_trainable(path: Path, model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    expected = {name for name, p in params.items() if p.requires_grad}
+def _check_same_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's trainable weights must be this model's, by name and shape."""
+    try:
+        metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    except Exception as error:
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"{directory}: not a readable training checkpoint ({reason})") from None
+    saved = {
+        key.removeprefix("model."): tuple(meta.size)
+        for key, meta in metadata.items()
+        if key.startswith("model.")
+    }
+    expected = set(weights)
     if set(saved) != expected:
         missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
         raise UserError(
-            f"{path}: the checkpoint's weights do not match this model "
+            f"{directory}: the checkpoint's weights do not match this model "
             f"(missing {missing[:3]}, unexpected {extra[:3]})"
         )
-    for name, tensor in saved.items():
-        if tensor.shape != params[name].shape:
+    for name, tensor in weights.items():
+        if saved[name] != tuple(tensor.shape):
             raise UserError(
-                f"{path}: {name} has shape {tuple(tensor.shape)} in the checkpoint but "
-                f"{tuple(params[name].shape)} in this model"
+                f"{directory}: {name} has shape {saved[name]} in the checkpoint but "
+                f"{tuple(tensor.shape)} in this model"
             )
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
 
 
 def should_stop_early(state: TrainingState, val_loss: float, patience: int) -> bool:

@@ -7,13 +7,11 @@ from pathlib import Path
 import torch
 
 from finetune import ranks
-from finetune.checkpoint import load_checkpoint
 from finetune.config import FullFinetuneParams
 from finetune.metrics import plot_metrics
 from finetune.model import Llama
 from finetune.outputs import model_bytes
-from finetune.parallel import prepare_model
-from finetune.runs import explains_out_of_memory, log_model, save_model, start_run
+from finetune.runs import explains_out_of_memory, load_model, log_model, save_model, start_run
 from finetune.training import train
 
 
@@ -28,15 +26,14 @@ def run(params: FullFinetuneParams) -> float:
     (the training loss when there is no validation data)."""
     device, tokenizer, examples = start_run(params)
     # fp32 master weights in every run; bf16 runs autocast the compute (see training.autocast).
-    model = load_checkpoint(params.model, Path(params.checkpoint), device, torch.float32)
-    prepare_model(model, params)
+    model = load_model(params, device, torch.float32)
     log_model(model, params, len(examples))
 
     final_loss = train(model, examples, params, tokenizer, saved_bytes(model, params))
 
+    out_dir = Path(params.output_dir)
+    save_model(model, params, tokenizer, out_dir / "model")
     if ranks.writes_files():
-        out_dir = Path(params.output_dir)
-        save_model(model, params, tokenizer, out_dir / "model")
         plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
     return final_loss
 

@@ -9,20 +9,19 @@ adapters merged in, in Hugging Face format.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from finetune import ranks
-from finetune.checkpoint import load_checkpoint
 from finetune.config import DType, LoraFinetuneParams
 from finetune.lora import apply_lora, merge_lora
 from finetune.metrics import plot_metrics
 from finetune.model import Llama
-from finetune.outputs import atomic_directory, model_bytes
-from finetune.parallel import prepare_model
+from finetune.outputs import model_bytes, written_by_rank_zero
 from finetune.peft_format import load_adapter, save_adapter
-from finetune.runs import explains_out_of_memory, log_model, save_model, start_run
+from finetune.runs import explains_out_of_memory, load_model, log_model, save_model, start_run
 from finetune.training import train
 
 log = logging.getLogger(__name__)
@@ -41,23 +40,22 @@ def run(params: LoraFinetuneParams) -> float:
     # The frozen base needs no fp32 master copy: bf16 runs keep it in bf16, which halves its
     # memory and feeds the bf16 matmuls directly. The adapters and their AdamW state stay fp32.
     base_dtype = torch.bfloat16 if params.dtype is DType.bf16 else torch.float32
-    model = load_checkpoint(params.model, Path(params.checkpoint), device, base_dtype)
-    apply_lora(model, params.lora)
+    model = load_model(params, device, base_dtype, adapt=partial(apply_lora, cfg=params.lora))
     if params.adapter:
         load_adapter(model, Path(params.adapter))
-    prepare_model(model, params)
     log_model(model, params, len(examples))
 
     final_loss = train(model, examples, params, tokenizer, saved_bytes(model, params))
 
+    out_dir = Path(params.output_dir)
+    with written_by_rank_zero(out_dir / "adapter") as tmp:
+        save_adapter(model, tmp, params.checkpoint, params.lora)
     if ranks.writes_files():
-        out_dir = Path(params.output_dir)
-        with atomic_directory(out_dir / "adapter") as tmp:
-            save_adapter(model, tmp, params.checkpoint, params.lora)
         log.info("adapter saved to %s", out_dir / "adapter")
-        if params.save_merged:
-            merge_lora(model)
-            save_model(model, params, tokenizer, out_dir / "model")
+    if params.save_merged:
+        merge_lora(model)
+        save_model(model, params, tokenizer, out_dir / "model")
+    if ranks.writes_files():
         plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
     return final_loss
 
