@@ -100,9 +100,10 @@ def restore_hydra(payload: Payload) -> None:
     """Hydra's config as the launching process has it, for the code that asks HydraConfig."""
     schema = OmegaConf.structured(HydraConf)
     sent = OmegaConf.create(payload.hydra)
-    # `hydra.env`, the option of a config group that Hydra keeps out of its own schema.
-    # (`key in schema` is false for a key whose default is missing, `???`.)
-    hydra = OmegaConf.merge(schema, {key: sent[key] for key in sent if key in schema.keys()})
+    # Not `hydra.env`, the option of a config group that Hydra keeps out of its own schema.
+    # (`key in schema` would be false for a key whose default is missing, `???`.)
+    known = set(schema.keys())
+    hydra = OmegaConf.merge(schema, {key: sent[key] for key in sent if key in known})
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra}))
 
 
