@@ -149,7 +149,7 @@ def test_a_signal_to_the_launcher_saves_and_stops_as_one_process_does(
     assert output.count("resume with: python -m finetune") == 1
     [saved] = run_dir.glob("checkpoints/step_*")
     assert int(saved.name.removeprefix("step_")) < 200
-    assert "Traceback" not in output
+    assert "Traceback" not in output and "death signal" not in output  # torch's agent is quiet
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ from finetune.errors import UserError
 SHARED_DIR_ENV = "FINETUNE_LAUNCH"
 PAYLOAD_FILE = "payload.json"
 RESULT_FILE = "result.json"
+PID_PREFIX = "pid-"
 # Long enough for every worker to finish its step and save a checkpoint after a Ctrl-C or SLURM's
 # SIGTERM: a sharded 70B checkpoint takes minutes. Only then does the launcher kill them; a second
 # Ctrl-C stops them at once (see interrupts.StopRequest).
@@ -124,12 +125,26 @@ def start_workers(params: Any) -> float:
                     "-m", "finetune.launch"
                 )
         except SignalException as stop:
-            # The agent has sent the signal on to each worker and waited for them to save.
+            # The agent has sent the signal on to each worker and waited for them to save; or
+            # this is a second signal, which ended its wait, and the workers must hear it too.
+            stop_now(stop.sigval, shared)
             sweep.stop_signal = sweep.stop_signal or stop.sigval
             raise SystemExit(128 + stop.sigval) from None
         except ChildFailedError as failure:
             raise worker_error(shared, failure) from None
         return json.loads((shared / RESULT_FILE).read_text())["result"]
+
+
+def stop_now(signum: int, shared: Path) -> None:
+    """Send `signum` to the workers still running, and wait for them to end. They are in sessions
+    of their own, so a terminal's Ctrl-C reaches only this process."""
+    for pid_file in shared.glob(f"{PID_PREFIX}*"):
+        pid = int(pid_file.read_text())
+        # Only a child of this process that has not been waited for yet: never a reused pid.
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                os.kill(pid, signum)
+                os.waitpid(pid, 0)
 
 
 def launch_config(params: Any, shared: Path) -> LaunchConfig:
@@ -181,16 +196,17 @@ def worker_environment(shared: Path, nproc_per_node: int) -> Iterator[None]:
 @contextlib.contextmanager
 def quiet_elastic_logs() -> Iterator[None]:
     """The elastic agent logs each start, signal and failure, with tracebacks: the user gets
-    finetune's own line instead."""
-    logger = logging.getLogger("torch.distributed.elastic")
-    level, propagate = logger.level, logger.propagate
-    logger.setLevel(logging.CRITICAL + 1)
-    logger.propagate = False
+    finetune's own line instead. Its modules' loggers set their own levels, so each is raised."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
-        logger.setLevel(level)
-        logger.propagate = propagate
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def worker_error(shared: Path, failure: ChildFailedError) -> Exception:
@@ -212,6 +228,7 @@ def worker_main() -> None:
     """`python -m finetune.launch`: a worker that `start_workers` started."""
     shared = Path(os.environ[SHARED_DIR_ENV])
     os.environ[interrupts.FAILURES_ENV] = str(shared)
+    (shared / f"{PID_PREFIX}{os.environ['RANK']}").write_text(str(os.getpid()))
     sys.exit(work(Payload(**json.loads((shared / PAYLOAD_FILE).read_text())), shared))
 
 
