@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,14 @@ def small_run(small_checkpoint: Path, *overrides: str) -> list[str]:
     ]
 
 
+def run_on_two(
+    small_checkpoint: Path, tmp_path: Path, *overrides: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m finetune ... nproc_per_node=2` on the small run, from `tmp_path`."""
+    args = small_run(small_checkpoint, "nproc_per_node=2", *overrides)
+    return run_cli(*args, cwd=tmp_path, env={**ONE_THREAD, **(env or {})})
+
+
 def torchrun(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m finetune ARGS`, as a user would type it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -67,11 +76,7 @@ def test_nproc_per_node_and_torchrun_write_the_same_one_run_directory(
     small_checkpoint: Path, tmp_path: Path
 ) -> None:
     launched = tmp_path / "launched"
-    result = run_cli(
-        *small_run(small_checkpoint, "nproc_per_node=2", f"hydra.run.dir={launched}"),
-        cwd=tmp_path,
-        env=ONE_THREAD,
-    )
+    result = run_on_two(small_checkpoint, tmp_path, f"hydra.run.dir={launched}")
     assert result.returncode == 0, result.stderr
     # No hydra.run.dir: every rank would get its own timestamped directory if it ran Hydra.
     direct_cwd = tmp_path / "direct"
@@ -114,11 +119,8 @@ def test_a_rank_that_fails_ends_the_run_with_its_one_line_error(
     small_checkpoint: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(
-        *small_run(small_checkpoint, "nproc_per_node=2", f"hydra.run.dir={run_dir}"),
-        cwd=tmp_path,
-        env={**ONE_THREAD, **fail_in_rank_1(tmp_path)},
-    )
+    env = fail_in_rank_1(tmp_path)
+    result = run_on_two(small_checkpoint, tmp_path, f"hydra.run.dir={run_dir}", env=env)
 
     assert result.returncode == 2, result.stderr
     # Rank 0 lost its peer in a collective, and says nothing of it; nor does torch's agent.
@@ -126,6 +128,20 @@ def test_a_rank_that_fails_ends_the_run_with_its_one_line_error(
     said = [line for line in result.stderr.splitlines() if not line.startswith("[rank 1] WARN")]
     assert said == ["error: rank 1 cannot go on"]
     assert not (run_dir / "model").exists()
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_failing_rank_alone_says_why(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    result = torchrun(*small_run(small_checkpoint), cwd=tmp_path, env=fail_in_rank_1(tmp_path))
+
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    # torchrun's own report of the failure follows, as for any script it runs.
+    assert said[0] == "[rank 1] error: rank 1 cannot go on", result.stderr
+    assert "Error executing job" not in result.stderr  # rank 0 ended quietly
+    assert "Connection closed by peer" not in result.stderr
 
 
 @pytest.mark.slow
@@ -157,12 +173,8 @@ def test_a_sweep_starts_workers_for_each_job_and_reports_a_row_each(
     small_checkpoint: Path, tmp_path: Path
 ) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = run_cli(
-        "-m",
-        *small_run(small_checkpoint, "nproc_per_node=2", f"hydra.sweep.dir={sweep_dir}"),
-        "lr=1e-3,3e-3",
-        cwd=tmp_path,
-        env=ONE_THREAD,
+    result = run_on_two(
+        small_checkpoint, tmp_path, "-m", "lr=1e-3,3e-3", f"hydra.sweep.dir={sweep_dir}"
     )
 
     assert result.returncode == 0, result.stderr
@@ -174,8 +186,16 @@ def test_a_sweep_starts_workers_for_each_job_and_reports_a_row_each(
     assert "[job 1] step 4/4" in result.stdout
 
 
+@pytest.fixture
+def fresh_hydra_config() -> Iterator[None]:
+    """HydraConfig as a process has it before Hydra starts a job, and again after the test."""
+    HydraConfig.instance().cfg = None
+    yield
+    HydraConfig.instance().cfg = None
+
+
 def test_workers_rebuild_the_launchers_params_and_hydra_config(
-    small_checkpoint: Path, tmp_path: Path
+    small_checkpoint: Path, tmp_path: Path, fresh_hydra_config: None
 ) -> None:
     cfg = compose_config([f"hydra.run.dir={tmp_path}"], with_hydra=True)
     HydraConfig.instance().set_config(cfg)

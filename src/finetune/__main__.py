@@ -73,6 +73,8 @@ def _task(cfg: DictConfig) -> float:
         # A single run ends here, before Hydra adds its own lines.
         if isinstance(error, _USER_ERRORS):
             exit_with(error)
+        if lost_another_rank(error):
+            raise SystemExit(1) from None
         raise
 
 
@@ -93,6 +95,16 @@ def under_torchrun() -> bool:
 
     launch.export_slurm_environment()
     return distributed.started_by_launcher()
+
+
+def lost_another_rank(error: Exception) -> bool:
+    """Whether this is one rank of several, whose collective failed because another rank failed
+    first: that rank says why, and this one ends without a word."""
+    if "WORLD_SIZE" not in os.environ:
+        return False
+    from finetune import launch
+
+    return launch.lost_a_peer(error)
 
 
 def as_torchrun_rank() -> None:

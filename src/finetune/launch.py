@@ -328,7 +328,7 @@ _others_wait_for_payload = False
 def leading_other_ranks() -> Iterator[None]:
     """Rank 0 of the user's torchrun, around Hydra's task: the others wait for its payload, so
     whatever ends it first (bad input, `--cfg job`) ends them too, quietly, with its exit status.
-    A rank 0 whose collective lost another rank ends quietly: that rank said why."""
+    """
     global _others_wait_for_payload
     _others_wait_for_payload = True
     status = 0
@@ -336,8 +336,6 @@ def leading_other_ranks() -> Iterator[None]:
         yield
     except BaseException as error:
         status = exit_status(error)
-        if dist.is_initialized() and lost_a_peer(error):
-            raise SystemExit(1) from None
         raise
     finally:
         if _others_wait_for_payload:
