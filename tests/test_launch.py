@@ -94,6 +94,28 @@ def test_nproc_per_node_and_torchrun_write_the_same_one_run_directory(
     assert all(line.startswith("[rank 1]") for line in result.stderr.splitlines() if line)
 
 
+@pytest.mark.slow
+def test_two_tasks_of_the_slurm_launcher_are_two_ranks_of_one_run(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    """submitit's local executor stands in for SLURM: the same tasks, the same environment."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    launched = tmp_path / "launched"
+    assert run_on_two(small_checkpoint, tmp_path, f"hydra.run.dir={launched}").returncode == 0
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        *small_run(small_checkpoint, f"hydra.sweep.dir={sweep_dir}"),
+        cwd=tmp_path,
+        env=ONE_THREAD,
+    )
+    assert result.returncode == 0, result.stderr
+    assert logged_losses(sweep_dir / "0") == logged_losses(launched)
+    assert (sweep_dir / "0" / "model" / "model.safetensors").is_file()
+
+
 def fail_in_rank_1(tmp_path: Path) -> dict[str, str]:
     """Environment whose `sitecustomize` makes rank 1's second optimizer step raise a UserError,
     with a message only that rank can give: a failure that hits one rank only."""
@@ -147,17 +169,14 @@ def test_under_torchrun_a_failing_rank_alone_says_why(
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_launcher_saves_and_stops_as_one_process_does(
-    signum: int, small_checkpoint: Path, tmp_path: Path
+    signum: int, small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir = tmp_path / "run"
     args = small_run(
         small_checkpoint, "nproc_per_node=2", "max_steps=200", f"hydra.run.dir={run_dir}"
     )
-    os.environ.update(ONE_THREAD)  # run_cli_signalled passes this process's environment on
-    try:
-        returncode, output = run_cli_signalled(args, signum, "step 2/", cwd=tmp_path)
-    finally:
-        del os.environ["OMP_NUM_THREADS"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # run_cli_signalled passes on this environment
+    returncode, output = run_cli_signalled(args, signum, "step 2/", cwd=tmp_path)
 
     assert returncode == 128 + signum, output
     name = signal.Signals(signum).name

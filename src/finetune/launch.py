@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -125,14 +126,17 @@ def start_workers(params: Any) -> float:
                     "-m", "finetune.launch"
                 )
         except SignalException as stop:
-            # The agent has sent the signal on to each worker and waited for them to save; or
-            # this is a second signal, which ended its wait, and the workers must hear it too.
+            # The agent has sent the signal on to each worker and waited for them to save. A
+            # second signal ends that wait, and the agent sends SIGTERM: the workers' own second
+            # signal, so they stop at once. Any that a third signal left running stop here.
             stop_now(stop.sigval, shared)
             sweep.stop_signal = sweep.stop_signal or stop.sigval
             raise SystemExit(128 + stop.sigval) from None
         except ChildFailedError as failure:
             raise worker_error(shared, failure) from None
-        return json.loads((shared / RESULT_FILE).read_text())["result"]
+        result = shared / RESULT_FILE
+        # On several nodes, only the launcher of rank 0's node has the run's result.
+        return json.loads(result.read_text())["result"] if result.is_file() else math.nan
 
 
 def stop_now(signum: int, shared: Path) -> None:
@@ -384,17 +388,18 @@ def ranks_started() -> int:
 
 
 def export_slurm_environment() -> None:
-    """Under the SLURM launcher (submitit) with several tasks, each task is a rank: give it the
-    variables that `init_process_group` reads (RANK, WORLD_SIZE, MASTER_ADDR: the first node,
-    ...), unless a torchrun inside the allocation set them. CUDA_VISIBLE_DEVICES is left alone:
-    `distributed.local_device` picks the GPU by LOCAL_RANK."""
-    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "WORLD_SIZE" in os.environ:
+    """Under the SLURM launcher (submitit; or its local executor) with several tasks, each task
+    is a rank: give it the variables that `init_process_group` reads (RANK, WORLD_SIZE,
+    MASTER_ADDR: the first node, ...), unless a torchrun inside the allocation set them.
+    CUDA_VISIBLE_DEVICES is left alone: `distributed.local_device` picks the GPU by LOCAL_RANK."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "WORLD_SIZE" in os.environ:
         return
-    if int(os.environ.get("SLURM_NTASKS", "1")) < 2:
-        return
-    from submitit.helpers import TorchDistributedEnvironment  # only under SLURM
+    # Only under submitit, which the `slurm` extra installs.
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
 
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 # ---- python -m finetune ----
