@@ -282,13 +282,15 @@ def test_one_slurm_task_is_no_distributed_run(monkeypatch: pytest.MonkeyPatch) -
 
 def test_slurm_launcher_runs_a_task_per_gpu() -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = compose_config(
-        ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=8", "hydra.launcher.nodes=2"],
-        with_hydra=True,
-    )
-    launcher = cfg.hydra.launcher
-    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 2)
-    assert (CONF_DIR / "hydra" / "launcher" / "slurm.yaml").is_file()
+    launcher = compose_config(["hydra/launcher=slurm"], with_hydra=True).hydra.launcher
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 1
+    # The line that the file's comment gives for 16 ranks composes.
+    comment = (CONF_DIR / "hydra" / "launcher" / "slurm.yaml").read_text()
+    sixteen = next(line for line in comment.splitlines() if "tasks_per_node=8" in line)
+    launcher = compose_config(
+        ["hydra/launcher=slurm", *sixteen.lstrip("# ").split()], with_hydra=True
+    ).hydra.launcher
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
 
 
 def test_several_nodes_without_an_address_is_one_line(
