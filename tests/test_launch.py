@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -114,6 +115,28 @@ def test_two_tasks_of_the_slurm_launcher_are_two_ranks_of_one_run(
     assert result.returncode == 0, result.stderr
     assert logged_losses(sweep_dir / "0") == logged_losses(launched)
     assert (sweep_dir / "0" / "model" / "model.safetensors").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_nnodes_2_is_one_run_over_the_launchers_of_both_nodes(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Two "nodes" on this machine, one process each, meeting at MASTER_ADDR:MASTER_PORT."""
+    launched = tmp_path / "launched"
+    assert run_on_two(small_checkpoint, tmp_path, f"hydra.run.dir={launched}").returncode == 0
+    run_dir = tmp_path / "run"
+    args = small_run(small_checkpoint, "nnodes=2", f"hydra.run.dir={run_dir}")
+    env = {**os.environ, **ONE_THREAD, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-m", "finetune", *args]
+    nodes = [subprocess.Popen(command, cwd=tmp_path, env=env, text=True) for _ in range(2)]
+    assert [node.wait(timeout=300) for node in nodes] == [0, 0]
+    assert logged_losses(run_dir) == logged_losses(launched)
 
 
 def fail_in_rank_1(tmp_path: Path) -> dict[str, str]:
