@@ -58,7 +58,7 @@ def _task(cfg: DictConfig) -> float:
                 return earlier["result"] if earlier["result"] is not None else math.nan
             if not sweep.has_checkpoint(Path(params.output_dir)):
                 params.resume = ""  # never started, or stopped before its first checkpoint
-        return recipe_of(params).run(params)
+        return run(params)
     except (KeyboardInterrupt, SystemExit):
         # A signal during training saved a checkpoint and set sweep.stop_signal; a Ctrl-C
         # elsewhere (loading the model) saved nothing. Either way the sweep stops with its report.
@@ -73,7 +73,55 @@ def _task(cfg: DictConfig) -> float:
         # A single run ends here, before Hydra adds its own lines.
         if isinstance(error, _USER_ERRORS):
             exit_with(error)
+        if lost_another_rank(error):
+            raise SystemExit(1) from None
         raise
+
+
+def run(params: FullFinetuneParams) -> float:
+    """Train in this process, or in the nproc_per_node x nnodes processes of launch.py."""
+    if params.nproc_per_node * params.nnodes == 1 and not under_torchrun():
+        return recipe_of(params).run(params)
+    from finetune import launch  # torch.distributed: only for runs over several processes
+
+    return launch.run(params)
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one of several that the user's torchrun (or SLURM) started."""
+    if "WORLD_SIZE" not in os.environ and "SUBMITIT_EXECUTOR" not in os.environ:
+        return False  # decided without importing torch, which --help and --cfg job never load
+    from finetune import distributed, launch
+
+    launch.export_slurm_environment()
+    return distributed.started_by_launcher()
+
+
+def lost_another_rank(error: Exception) -> bool:
+    """Whether this is one rank of several, whose collective failed because another rank failed
+    first: that rank says why, and this one ends without a word."""
+    if "WORLD_SIZE" not in os.environ:
+        return False
+    from finetune import launch
+
+    return launch.lost_a_peer(error)
+
+
+def as_torchrun_rank() -> None:
+    """One rank of the user's torchrun: rank 0 composes with Hydra, in its one run directory,
+    and passes the params on; the other ranks run no Hydra and train what rank 0 sends."""
+    from finetune import launch
+
+    if os.environ.get("RANK", "0") != "0":
+        launch.follow_rank_zero()
+    with launch.leading_other_ranks():
+        if {"-m", "--multirun"} & set(sys.argv[1:]):
+            # Each job of a sweep would need the ranks to meet again; finetune's launcher does.
+            raise UserError(
+                "-m under torchrun: run `python -m finetune -m ... nproc_per_node=N` without "
+                "torchrun, which starts the processes of each job"
+            )
+        _task()
 
 
 def is_resuming_sweep(resume: str) -> bool:
@@ -102,7 +150,10 @@ def main() -> None:
             return
         # Let Hydra raise instead of printing its own report, so bad input gets a single line.
         os.environ["HYDRA_FULL_ERROR"] = "1"
-        _task()
+        if under_torchrun():
+            as_torchrun_rank()
+        else:
+            _task()
     except _USER_ERRORS as error:
         exit_with(error)
     except OSError as error:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import signal
 import sys
@@ -15,7 +17,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from finetune import sweep
+from finetune.ranks import writes_files
 from finetune.training_state import latest_checkpoint_note
+
+# In a worker of finetune's launcher (launch.py): the directory where a worker that fails leaves
+# its error, for the launcher to report, before its peers notice it is gone.
+FAILURES_ENV = "FINETUNE_FAILURES"
+FAILED_PREFIX = "failed-rank-"
 
 
 class StopRequest:
@@ -46,17 +54,23 @@ class StopRequest:
                 signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if another_process_failed():
+            # The launcher ends the run's other processes with SIGTERM: not a request to save.
+            raise SystemExit(1)
         name = signal.Signals(signum).name
         if self.signum is not None:
-            print(
-                f"{name}, a second signal: stopped at once; "
-                f"{latest_checkpoint_note(self.output_dir)}",
-                file=sys.stderr,
-                flush=True,
-            )
+            if writes_files():  # each process gets the signal; one says so
+                print(
+                    f"{name}, a second signal: stopped at once; "
+                    f"{latest_checkpoint_note(self.output_dir)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise SystemExit(128 + signum)
         self.signum = signum
         sweep.stop_signal = sweep.stop_signal or signum  # a sweep runs no further jobs
+        if not writes_files():
+            return
         again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
         print(
             f"{name}: stopping after this step to save a checkpoint; {again} to stop at once",
@@ -65,10 +79,24 @@ class StopRequest:
         )
 
 
+def record_failure(rank: int, message: str, user_error: bool) -> None:
+    record = {"rank": rank, "message": message, "user_error": user_error}
+    path = Path(os.environ[FAILURES_ENV]) / f"{FAILED_PREFIX}{rank:05d}.json"
+    path.write_text(json.dumps(record))
+
+
+def another_process_failed() -> bool:
+    """Whether a process of this run has failed already, in a run that finetune launched."""
+    directory = os.environ.get(FAILURES_ENV)
+    return bool(directory) and any(Path(directory).glob(f"{FAILED_PREFIX}*"))
+
+
 def stopped_by_signal(
     signum: int, step: int, steps: int, saved: Path | None, output_dir: Path
 ) -> int:
     """Say where the run stopped and how to go on; returns the exit status (128 + signal)."""
+    if not writes_files():
+        return 128 + signum
     name = signal.Signals(signum).name
     print(f"{name} after step {step}/{steps}: training state saved to {saved}", flush=True)
     if not in_sweep():  # a sweep says how to resume all of it when it ends
