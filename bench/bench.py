@@ -2,6 +2,7 @@
 
     python bench/bench.py           # tiny and medium models, fp32 and bf16, full and lora recipes
     python bench/bench.py --models medium --dtypes bf16 --recipes lora,qlora --steps 8
+    python bench/bench.py --models medium --recipes full --procs 1,2   # 1 x 2 threads, 2 x 1
 
 Each configuration is one `python -m finetune` process. From the times at which its progress
 lines arrive the script derives:
@@ -14,6 +15,9 @@ lines arrive the script derives:
 Workloads: `tiny` is the shipped model; `medium` is a random 6-layer, 512-wide model with a
 32,000-token vocabulary (Llama-2's), so that the output layer weighs as it does at 7B.
 `lora` runs with the config's default adapters (`LoraConfig`: rank 8 on q/k/v/o_proj).
+`--procs 2` runs each configuration sharded over 2 processes (`nproc_per_node=2`, FSDP2) of
+cores/2 threads each, batch_size halved so that a step trains on the same sequences; its peak RSS
+is the largest process's (wait4 counts the launcher's reaped workers too).
 """
 
 from __future__ import annotations
@@ -100,21 +104,26 @@ def long_records(path: Path, n: int) -> Path:
     return path
 
 
-def run_recipe(overrides: list[str], steps: int, run_dir: Path) -> Result:
+def run_recipe(overrides: list[str], steps: int, run_dir: Path, procs: int = 1) -> Result:
     command = [
         sys.executable,
         "-m",
         "finetune",
         *overrides,
         f"max_steps={steps}",
-        f"batch_size={BATCH_SIZE}",
+        f"batch_size={BATCH_SIZE // procs}",
+        f"nproc_per_node={procs}",
         f"max_seq_len={SEQ_LEN}",
         "dataset.train_on_input=true",
         "shuffle=false",
         f"hydra.run.dir={run_dir}",
     ]
     launched = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    threads = str(max(1, (os.cpu_count() or 1) // procs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     step_times = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -189,6 +198,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--recipes", default="full,lora", help=f"any of {', '.join(RECIPES)}")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--procs", default="1", help="processes per run, e.g. 1,2")
     args = parser.parse_args()
     unknown = set(args.recipes.split(",")) - set(RECIPES)
     if unknown:
@@ -206,7 +216,8 @@ def main() -> None:
         f"workload: batch {BATCH_SIZE} x {SEQ_LEN} tokens, {args.steps} steps; "
         f"lora: rank {lora.rank} on {','.join(lora.targets)}"
     )
-    header = f"{'model':<8}{'recipe':<7}{'dtype':<6}{'start-up s':>11}{'step s':>9}{'tokens/s':>10}"
+    header = f"{'model':<8}{'recipe':<7}{'dtype':<6}{'procs':>6}{'start-up s':>11}{'step s':>9}"
+    header += f"{'tokens/s':>10}"
     print(header + f"{'GFLOP/s':>9}{'of mm':>7}{'peak RSS MB':>13}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -217,7 +228,10 @@ def main() -> None:
         for name in args.models.split(","):
             cfg, ckpt = checkpoints[name]
             model_args = [f"model.{f}={getattr(cfg, f)}" for f in cfg.__dataclass_fields__]
-            for recipe, dtype in itertools.product(args.recipes.split(","), args.dtypes.split(",")):
+            runs = itertools.product(
+                args.recipes.split(","), args.dtypes.split(","), map(int, args.procs.split(","))
+            )
+            for recipe, dtype, procs in runs:
                 overrides = [
                     *RECIPES[recipe],
                     *model_args,
@@ -225,11 +239,12 @@ def main() -> None:
                     f"dataset.path={data}",
                     f"dtype={dtype}",
                 ]
-                r = run_recipe(overrides, args.steps, work / f"{name}-{recipe}-{dtype}")
+                run_dir = work / f"{name}-{recipe}-{dtype}-{procs}"
+                r = run_recipe(overrides, args.steps, run_dir, procs)
                 tokens = BATCH_SIZE * (SEQ_LEN - 1)
                 gflops = flops_per_token(cfg, SEQ_LEN - 1, recipe) * tokens / r.step_s / 1e9
                 print(
-                    f"{name:<8}{recipe:<7}{dtype:<6}{r.startup_s:>11.2f}{r.step_s:>9.3f}"
+                    f"{name:<8}{recipe:<7}{dtype:<6}{procs:>6}{r.startup_s:>11.2f}{r.step_s:>9.3f}"
                     f"{tokens / r.step_s:>10.0f}{gflops:>9.1f}{gflops / mm[dtype]:>7.0%}"
                     f"{r.peak_rss_mb:>13.0f}"
                 )

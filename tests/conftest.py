@@ -136,6 +136,32 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
     )
 
 
+# Two processes of one thread each: the machine's two cores, whatever the default would pick.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def small_run(small_checkpoint: Path, *overrides: str) -> list[str]:
+    """Overrides of a short run of the small model: 4 steps of 2 x 2 sequences."""
+    return [
+        *model_overrides(SMALL_MODEL),
+        f"checkpoint={small_checkpoint}",
+        "max_seq_len=128",
+        "batch_size=2",
+        "max_steps=4",
+        "lr=1e-3",
+        "warmup_steps=0",
+        *overrides,
+    ]
+
+
+def run_on_two(
+    small_checkpoint: Path, tmp_path: Path, *overrides: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m finetune ... nproc_per_node=2` on the small run, from `tmp_path`."""
+    args = small_run(small_checkpoint, "nproc_per_node=2", *overrides)
+    return run_cli(*args, cwd=tmp_path, env={**ONE_THREAD, **(env or {})})
+
+
 def run_cli_signalled(
     args: list[str], signum: int, when: str, cwd: Path | None = None
 ) -> tuple[int, str]:

@@ -194,6 +194,11 @@ def cases(ckpt: Path) -> list[Case]:
         Case("eval_without_val", ("eval_every_n_steps=5",), "eval_every_n_steps: needs valid"),
         Case("lora_rank_zero", ("recipe=lora", "lora.rank=0"), "lora.rank: must be >= 1, got 0"),
         Case(
+            "qlora_sharded",
+            (*lora, "lora.quantize_base=true", "nproc_per_node=2"),
+            "lora.quantize_base: QLoRA runs on one process; set nproc_per_node=1 and nnodes=1",
+        ),
+        Case(
             "lora_target",
             ("recipe=lora", "lora.targets=[q_proj,nope]"),
             "lora.targets: unknown 'nope'; valid names: q_proj, k_proj",
