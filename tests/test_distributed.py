@@ -65,7 +65,8 @@ def runs(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     root = tmp_path_factory.mktemp("distributed")
     return {
         "one": one_process(small_checkpoint, root / "one"),
-        "two": two_processes(small_checkpoint, root / "two"),
+        # Its checkpoints written in the background, each process its shard.
+        "two": two_processes(small_checkpoint, root / "two", "async_save=true"),
     }
 
 

@@ -126,6 +126,26 @@ def test_three_steps_then_resume_matches_six_straight_steps_bit_for_bit(
     assert steps_on_disk(straight) == steps_on_disk(resumed) == ["step_000004", "step_000006"]
 
 
+def test_a_checkpoint_written_in_the_background_resumes_as_a_synchronous_one(
+    small_checkpoint: Path, small_data: Path, tmp_path: Path
+) -> None:
+    """async_save: DCP writes a copy of the state while the next steps change the weights."""
+    sync, background = tmp_path / "sync", tmp_path / "background"
+    full.run(params_for("full", small_checkpoint, small_data, sync, "keep_last_n=0"))
+    overrides = ("keep_last_n=0", "async_save=true")
+    full.run(params_for("full", small_checkpoint, small_data, background, *overrides))
+    assert steps_on_disk(background) == ["step_000003", "step_000004", "step_000006"]
+    assert logged_losses(background) == logged_losses(sync)
+
+    checkpoint = background / "checkpoints" / "step_000003"
+    resumed = tmp_path / "resumed"
+    full.run(params_for("full", small_checkpoint, small_data, resumed, f"resume={checkpoint}"))
+    assert logged_losses(resumed) == logged_losses(sync)[3:]
+    expected = load_file(sync / "model" / "model.safetensors")
+    actual = load_file(resumed / "model" / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
 def test_resume_from_a_given_checkpoint_directory(
     small_checkpoint: Path, small_data: Path, tmp_path: Path
 ) -> None:

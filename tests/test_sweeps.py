@@ -350,8 +350,8 @@ def test_a_run_returns_its_mean_loss_over_the_last_tenth_of_steps(
 # model loads, before training (and its signal handler) starts.
 CTRL_C_WHILE_LOADING = """
 import sys
-from finetune.recipes import full
-real_load, calls = full.load_checkpoint, []
+from finetune import runs
+real_load, calls = runs.load_checkpoint, []
 
 def load(*args, **kwargs):
     calls.append(1)
@@ -359,7 +359,7 @@ def load(*args, **kwargs):
         raise KeyboardInterrupt
     return real_load(*args, **kwargs)
 
-full.load_checkpoint = load
+runs.load_checkpoint = load
 sys.argv = ["finetune", *sys.argv[1:]]
 from finetune.__main__ import main
 main()

@@ -246,6 +246,9 @@ class FullFinetuneParams:
         ge=0,
     )
     keep_last_n: int = option(2, "training-state checkpoints kept, the newest; 0 keeps all", ge=0)
+    async_save: bool = option(
+        False, "write checkpoints in the background while training goes on (a copy in CPU memory)"
+    )
     resume: str = option(
         "",
         "continue a run: true (newest checkpoint of output_dir; with hydra.run.dir=<old run>), "

@@ -275,7 +275,8 @@ def earlier_outcome(job_dir: Path) -> dict[str, Any] | None:
 
 
 def has_checkpoint(job_dir: Path) -> bool:
-    return any((job_dir / "checkpoints").glob("step_*[0-9]/state.pt"))
+    # training_state.STATE_FILE, which only a complete checkpoint has (that module imports torch).
+    return any((job_dir / "checkpoints").glob("step_*[0-9]/training.json"))
 
 
 def write_csv(rows: list[JobRow], path: Path) -> None:

@@ -31,18 +31,15 @@ from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
 from finetune.sweep import job_prefix
 from finetune.tokenizer import Tokenizer
 from finetune.training_state import (
+    Checkpoints,
     TrainingState,
     advance,
     capture_rng,
     check_no_later_checkpoints,
     checkpoint_dirs,
     is_resuming,
-    latest_checkpoint_note,
-    prune_checkpoints,
     restore_rng,
-    save_checkpoint,
     should_stop_early,
-    step_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -270,22 +267,19 @@ def train(
         drop_rows_after(metrics_path, state.step)
     metrics = MetricsLog(metrics_path, total_steps=steps, prefix=job_prefix(), writes=writes)
 
+    checkpoints = Checkpoints(output_dir, recipe, params.keep_last_n)
+
     def save(epoch_ended: bool, stopping_now: bool) -> Path | None:
         every = params.save_every_n_steps
         # The last step is saved too, so that a finished run can be continued for longer.
         due = state.step % every == 0 or epoch_ended or state.step == steps if every else False
         if not (stopping_now or due):
             return None
-        directory = step_dir(output_dir, state.step)
         state.rng = capture_rng()
         state.elapsed_s = metrics.elapsed()
-        try:
-            save_checkpoint(directory, recipe, model, optimizer, state)
-        except UserError as error:
-            raise UserError(f"{error}; {latest_checkpoint_note(output_dir)}") from None
-        if ranks.writes_files():
-            prune_checkpoints(output_dir, params.keep_last_n)
-        return directory
+        # A run that stops now, or ends, waits for its last checkpoint anyway.
+        background = params.async_save and not stopping_now and state.step < steps
+        return checkpoints.save(state.step, model, optimizer, state, background)
 
     def validate(step: int, epoch: int) -> float:
         started = time.perf_counter()
@@ -343,6 +337,7 @@ def train(
                 raise SystemExit(stopped_by_signal(stop.signum, step, steps, saved, output_dir))
             if step == steps:
                 break
+    checkpoints.settle()
     metrics.close()
     if val_examples:
         return state.val_loss

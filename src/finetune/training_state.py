@@ -23,7 +23,8 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from concurrent.futures import Future
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,27 +112,66 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: TrainingState,
-) -> None:
+    background: bool = False,
+) -> CheckpointWrite:
     """Write `directory` atomically (see `atomic_directory`): a kill at any moment leaves either
     the complete new checkpoint or none, and the previous ones untouched. Every process calls
-    it and writes its shard; rank 0 writes the rest and renames the directory into place."""
+    it and writes its shard; rank 0 writes the rest and renames the directory into place.
+
+    The write completes (and the directory appears) at the returned write's `wait()`. In the
+    `background` (async_save), DCP copies the state and writes it in a thread meanwhile, while
+    training goes on.
+    """
     weights, optimizer_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    stack = ExitStack()
     tmp = directory.with_name(directory.name + ".tmp")
-    writes = ranks.writes_files()
-    with atomic_directory(directory) if writes else nullcontext(tmp) as tmp:
+    if ranks.writes_files():
+        tmp = stack.enter_context(atomic_directory(directory))
+    # Taken now: the state moves on while a background write runs.
+    training = {"format": FORMAT_VERSION, "recipe": recipe, "training": asdict(state)}
+    rng = training["training"].pop("rng")
+    with stack.pop_all() as pending:  # on an error here the directory is cleaned up at once
         ranks.barrier()  # rank 0 has made the directory
         with _dcp_on_one_process_quietly(), _raising_this_rank_error():
-            dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp)
-        if writes:
-            with (tmp / RNG_FILE).open("wb") as f:
-                torch.save(state.rng, f)
-            training = {"format": FORMAT_VERSION, "recipe": recipe, "training": asdict(state)}
-            del training["training"]["rng"]
-            with (tmp / STATE_FILE).open("w") as f:
-                json.dump(training, f, indent=2)
-                f.flush()
-                # Renamed before the bytes reach the disk, a power cut could leave it empty.
-                os.fsync(f.fileno())
+            saved = {"model": weights, "optimizer": optimizer_state}
+            save = dcp.async_save if background else dcp.save
+            written = save(saved, checkpoint_id=tmp)
+        return CheckpointWrite(pending.pop_all(), tmp, rng, training, written)
+
+
+class CheckpointWrite:
+    """A checkpoint being written. `wait()` waits for the shards, writes rank 0's files and
+    renames the directory into place (or cleans it up and raises, as a failed write does)."""
+
+    def __init__(
+        self,
+        directory: ExitStack,
+        tmp: Path,
+        rng: dict[str, torch.Tensor],
+        training: dict,
+        shards: object,
+    ) -> None:
+        self.directory, self.tmp, self.rng, self.training = directory, tmp, rng, training
+        # DCP's future of a background write (anything else: written already).
+        self.shards = shards
+
+    def wait(self) -> None:
+        with self.directory:
+            if isinstance(self.shards, Future):
+                with _raising_this_rank_error():
+                    self.shards.result()
+            ranks.barrier()  # every process's shard is written
+            if ranks.writes_files():
+                self._write_own_files()
+
+    def _write_own_files(self) -> None:
+        with (self.tmp / RNG_FILE).open("wb") as f:
+            torch.save(self.rng, f)
+        with (self.tmp / STATE_FILE).open("w") as f:
+            json.dump(self.training, f, indent=2)
+            f.flush()
+            # Renamed before the bytes reach the disk, a power cut could leave it empty.
+            os.fsync(f.fileno())
 
 
 @contextmanager
@@ -152,6 +192,53 @@ def _dcp_on_one_process_quietly() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+class Checkpoints:
+    """A run's training-state checkpoints: at most one write in flight, and the oldest deleted
+    down to `keep_last_n` once a newer one is complete."""
+
+    def __init__(self, output_dir: Path, recipe: str, keep_last_n: int) -> None:
+        self.output_dir, self.recipe, self.keep_last_n = output_dir, recipe, keep_last_n
+        self.in_flight: CheckpointWrite | None = None
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: TrainingState,
+        background: bool,
+    ) -> Path:
+        """Checkpoint `state` after `step`; returns its directory (complete unless `background`:
+        then once `settle` returns)."""
+        self.settle()
+        directory = step_dir(self.output_dir, step)
+        with self._naming_the_latest():
+            self.in_flight = save_checkpoint(
+                directory, self.recipe, model, optimizer, state, background
+            )
+        if not background:
+            self.settle()
+        return directory
+
+    def settle(self) -> None:
+        """Wait for the write in flight, if any, to complete."""
+        if self.in_flight is None:
+            return
+        write, self.in_flight = self.in_flight, None
+        with self._naming_the_latest():
+            write.wait()
+        if ranks.writes_files():
+            prune_checkpoints(self.output_dir, self.keep_last_n)
+
+    @contextmanager
+    def _naming_the_latest(self) -> Iterator[None]:
+        """A failed write says which checkpoint the run can be resumed from."""
+        try:
+            yield
+        except UserError as error:
+            raise UserError(f"{error}; {latest_checkpoint_note(self.output_dir)}") from None
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
