@@ -64,3 +64,19 @@ def barrier() -> None:
     """Wait until every process gets here."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """A gloo group of every process for checkpoint writes: a background write (async_save)
+    exchanges its results while training uses the default group, and two threads must not share
+    one group's sequence of collectives. Made on first use, which every process reaches together
+    (a checkpoint), once per process group; None on one process."""
+    if not dist.is_initialized():
+        return None
+    world = dist.group.WORLD
+    if world not in _checkpoint_groups:
+        _checkpoint_groups[world] = dist.new_group(backend="gloo")
+    return _checkpoint_groups[world]
+
+
+_checkpoint_groups: dict[object, dist.ProcessGroup] = {}

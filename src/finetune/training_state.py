@@ -135,7 +135,7 @@ def save_checkpoint(
         with _dcp_on_one_process_quietly(), _raising_this_rank_error():
             saved = {"model": weights, "optimizer": optimizer_state}
             save = dcp.async_save if background else dcp.save
-            written = save(saved, checkpoint_id=tmp)
+            written = save(saved, checkpoint_id=tmp, process_group=ranks.checkpoint_group())
         return CheckpointWrite(pending.pop_all(), tmp, rng, training, written)
 
 
