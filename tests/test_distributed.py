@@ -1,6 +1,7 @@
 """A run sharded over two processes (FSDP2 on gloo, one thread each) trains exactly what one
 process trains on the same global batch: the same losses step by step, the same weights, the same
-adapters; its checkpoints resume at another process count; its model loads in transformers."""
+adapters, QLoRA's on a sharded 4-bit base too; its checkpoints resume at another process count;
+its model loads in transformers."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from finetune.checkpoint import load_hf
+from finetune.config import ModelConfig
 from finetune.recipes import full, lora
 from tests.conftest import (
     SMALL_MODEL,
     logged_losses,
     max_abs_diff,
+    model_overrides,
     random_tokens,
     run_on_two,
     small_params,
+    write_checkpoint,
 )
 
 pytestmark = pytest.mark.slow
@@ -31,6 +35,21 @@ RUN = ("max_steps=4", "lr=1e-4", "warmup_steps=0", "save_every_n_steps=2", "keep
 MODEL = "model/model.safetensors"
 # LoRA without dropout: its masks are drawn per process, from different batches.
 LORA = ("recipe=lora", "lora.dropout=0", "lora.use_dora=true")
+# QLoRA shards each NF4 layer in equal parts of whole groups of 64 x 256 weights, one per process:
+# every linear of the blocks here holds a multiple of 2 x 16384 (SMALL_MODEL's hold 4096).
+QLORA_MODEL = ModelConfig(
+    vocab_size=4096,
+    dim=256,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_dim=512,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    context_length=256,
+)
+QLORA = (*LORA, "lora.quantize_base=true", *model_overrides(QLORA_MODEL))
+ADAPTER = "adapter/adapter_model.safetensors"
 
 
 def one_process(checkpoint: Path, out: Path, *overrides: str) -> Path:
@@ -129,16 +148,31 @@ def test_lora_on_two_processes_with_accumulation_trains_as_one(
         small_checkpoint, tmp_path / "two", *LORA, "batch_size=1", "gradient_accumulation_steps=2"
     )
     assert_same_losses(two, one)
-    for file in ("adapter/adapter_model.safetensors", MODEL):
+    for file in (ADAPTER, MODEL):
         assert_same_tensors(two / file, one / file)
-    # The checkpoint holds the adapters and their optimizer state, not the frozen base.
-    step = two / "checkpoints" / "step_000002"
-    saved = dcp.FileSystemReader(step).read_metadata().state_dict_metadata
-    weights = [key for key in saved if key.startswith("model.")]
-    assert weights and all(".lora_" in key for key in weights)
+    assert_only_adapters_in(two / "checkpoints" / "step_000002")
     resumed = one_process(
         small_checkpoint, tmp_path / "resumed", *LORA, f"resume={two}/checkpoints/step_000002"
     )
     assert_same_losses(resumed, one, first_step=3)
-    adapter = "adapter/adapter_model.safetensors"
-    assert_same_tensors(resumed / adapter, one / adapter)
+    assert_same_tensors(resumed / ADAPTER, one / ADAPTER)
+
+
+def assert_only_adapters_in(step: Path) -> None:
+    """The checkpoint holds the adapters and their optimizer state, not the frozen base."""
+    saved = dcp.FileSystemReader(step).read_metadata().state_dict_metadata
+    weights = [key for key in saved if key.startswith("model.")]
+    assert weights and all(".lora_" in key for key in weights)
+
+
+def test_qlora_on_two_processes_trains_as_one(tmp_path: Path) -> None:
+    """The NF4 base sharded, each process holding its rows of the weight quantized whole: the
+    losses, the DoRA adapters, their checkpoint and the merged model are one process's."""
+    pytest.importorskip("torchao")
+    checkpoint = write_checkpoint(tmp_path / "base", QLORA_MODEL)
+    one = one_process(checkpoint, tmp_path / "one", *QLORA)
+    two = two_processes(checkpoint, tmp_path / "two", *QLORA)
+    assert_same_losses(two, one)
+    for file in (ADAPTER, MODEL):
+        assert_same_tensors(two / file, one / file)
+    assert_only_adapters_in(two / "checkpoints" / "step_000002")
