@@ -1,9 +1,11 @@
 """A run sharded over two processes (FSDP2 on gloo, one thread each) trains exactly what one
 process trains on the same global batch: the same losses step by step, the same weights, the same
-adapters; its checkpoints resume at another process count; its model loads in transformers."""
+adapters, QLoRA's on a sharded 4-bit base too; its checkpoints resume at another process count;
+its model loads in transformers."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,11 @@ from tests.conftest import (
     SMALL_MODEL,
     logged_losses,
     max_abs_diff,
+    model_overrides,
     random_tokens,
     run_on_two,
     small_params,
+    write_checkpoint,
 )
 
 pytestmark = pytest.mark.slow
@@ -31,6 +35,11 @@ RUN = ("max_steps=4", "lr=1e-4", "warmup_steps=0", "save_every_n_steps=2", "keep
 MODEL = "model/model.safetensors"
 # LoRA without dropout: its masks are drawn per process, from different batches.
 LORA = ("recipe=lora", "lora.dropout=0", "lora.use_dora=true")
+# QLoRA shards each NF4 layer in equal parts of whole groups of 64 x 256 weights, one per process:
+# every linear of the blocks here holds a multiple of 2 x 16384 (SMALL_MODEL's hold 4096).
+QLORA_MODEL = dataclasses.replace(SMALL_MODEL, dim=256, ffn_dim=512)
+QLORA = (*LORA, "lora.quantize_base=true", *model_overrides(QLORA_MODEL))
+ADAPTER = "adapter/adapter_model.safetensors"
 
 
 def one_process(checkpoint: Path, out: Path, *overrides: str) -> Path:
@@ -130,16 +139,56 @@ def test_lora_on_two_processes_with_accumulation_trains_as_one(
         small_checkpoint, tmp_path / "two", *LORA, "batch_size=1", "gradient_accumulation_steps=2"
     )
     assert_same_losses(two, one)
-    for file in ("adapter/adapter_model.safetensors", MODEL):
+    for file in (ADAPTER, MODEL):
         assert_same_tensors(two / file, one / file)
-    # The checkpoint holds the adapters and their optimizer state, not the frozen base.
-    step = two / "checkpoints" / "step_000002"
-    saved = dcp.FileSystemReader(step).read_metadata().state_dict_metadata
-    weights = [key for key in saved if key.startswith("model.")]
-    assert weights and all(".lora_" in key for key in weights)
+    assert_only_adapters_in(two / "checkpoints" / "step_000002")
     resumed = one_process(
         small_checkpoint, tmp_path / "resumed", *LORA, f"resume={two}/checkpoints/step_000002"
     )
     assert_same_losses(resumed, one, first_step=3)
-    adapter = "adapter/adapter_model.safetensors"
-    assert_same_tensors(resumed / adapter, one / adapter)
+    assert_same_tensors(resumed / ADAPTER, one / ADAPTER)
+
+
+def assert_only_adapters_in(step: Path) -> None:
+    """The checkpoint holds the adapters and their optimizer state, not the frozen base."""
+    saved = dcp.FileSystemReader(step).read_metadata().state_dict_metadata
+    weights = [key for key in saved if key.startswith("model.")]
+    assert weights and all(".lora_" in key for key in weights)
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    pytest.importorskip("torchao")
+    root = tmp_path_factory.mktemp("qlora")
+    checkpoint = write_checkpoint(root / "base", QLORA_MODEL)
+    return {
+        "base": checkpoint,
+        "one": one_process(checkpoint, root / "one", *QLORA),
+        "two": two_processes(checkpoint, root / "two", *QLORA),
+    }
+
+
+def test_qlora_on_two_processes_trains_as_one(qlora_runs: dict[str, Path]) -> None:
+    """The NF4 base sharded, each process holding its rows of the weight quantized whole: the
+    losses, the DoRA adapters, their checkpoint and the merged model are one process's."""
+    one, two = qlora_runs["one"], qlora_runs["two"]
+    assert_same_losses(two, one)
+    for file in (ADAPTER, MODEL):
+        assert_same_tensors(two / file, one / file)
+    assert_only_adapters_in(two / "checkpoints" / "step_000002")
+
+
+def test_a_qlora_checkpoint_resumes_at_the_other_process_count(
+    qlora_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """2 -> 1, and 1 -> 2 with the shards (the 4-bit base among them) offloaded to the CPU."""
+    base, one, two = qlora_runs["base"], qlora_runs["one"], qlora_runs["two"]
+    step = "checkpoints/step_000002"
+    on_one = one_process(base, tmp_path / "on_one", *QLORA, f"resume={two / step}")
+    on_two = two_processes(
+        base, tmp_path / "on_two", *QLORA, f"resume={one / step}", "cpu_offload=true"
+    )
+    for resumed in (on_one, on_two):
+        assert_same_losses(resumed, one, first_step=3)
+        for file in (ADAPTER, MODEL):
+            assert_same_tensors(resumed / file, one / file)
