@@ -19,6 +19,7 @@ from tests.conftest import (
     SMALL_MODEL,
     logged_losses,
     max_abs_diff,
+    metrics_rows,
     model_overrides,
     random_tokens,
     run_on_two,
@@ -111,9 +112,7 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(
     saved = runs["two"] / "checkpoints" / "step_000002"
     resumed = one_process(small_checkpoint, tmp_path / "resumed", f"resume={saved}")
     assert_same_losses(resumed, runs["one"], first_step=3)
-    assert_same_tensors(
-        resumed / "model/model.safetensors", runs["one"] / "model/model.safetensors"
-    )
+    assert_same_tensors(resumed / MODEL, runs["one"] / MODEL)
 
 
 def test_a_checkpoint_of_one_process_resumes_on_two_with_offloaded_shards(
@@ -124,26 +123,60 @@ def test_a_checkpoint_of_one_process_resumes_on_two_with_offloaded_shards(
         small_checkpoint, tmp_path / "resumed", f"resume={saved}", "cpu_offload=true"
     )
     assert_same_losses(resumed, runs["one"], first_step=3)
-    assert_same_tensors(
-        resumed / "model/model.safetensors", runs["one"] / "model/model.safetensors"
-    )
+    assert_same_tensors(resumed / MODEL, runs["one"] / MODEL)
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_two_with_activation_checkpointing(
+    runs: dict[str, Path], small_checkpoint: Path, tmp_path: Path
+) -> None:
+    saved = runs["two"] / "checkpoints" / "step_000002"
+    overrides = (f"resume={saved}", "activation_checkpointing=true")
+    resumed = two_processes(small_checkpoint, tmp_path / "resumed", *overrides)
+    assert_same_losses(resumed, runs["two"], first_step=3)
+    assert_same_tensors(resumed / MODEL, runs["two"] / MODEL)
+
+
+def test_bf16_on_two_processes_follows_one(small_checkpoint: Path, tmp_path: Path) -> None:
+    """bf16 weights gathered and fp32 gradients reduced (FSDP's mixed precision) against one
+    process's bf16 autocast: the same steps, to bf16's rounding."""
+    one = one_process(small_checkpoint, tmp_path / "one", "dtype=bf16")
+    two = two_processes(small_checkpoint, tmp_path / "two", "dtype=bf16")
+    ours, theirs = logged_losses(two), logged_losses(one)
+    assert [step for step, _ in ours] == [1, 2, 3, 4]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(ours, theirs, strict=True)) <= 1e-2
 
 
 def test_lora_on_two_processes_with_accumulation_trains_as_one(
     small_checkpoint: Path, tmp_path: Path
 ) -> None:
     """DoRA adapters on a sharded frozen base, one sequence per micro-batch, two micro-batches
-    a step: the adapters, their checkpoint and the merged model are one process's."""
-    one = one_process(small_checkpoint, tmp_path / "one", *LORA)
+    a step: the adapters, their checkpoint and the merged model are one process's; so is the
+    validation loss, each process evaluating its share."""
+    validation = ("dataset.val_split=0.01", "eval_every_n_steps=2")
+    one = one_process(small_checkpoint, tmp_path / "one", *LORA, *validation)
     two = two_processes(
-        small_checkpoint, tmp_path / "two", *LORA, "batch_size=1", "gradient_accumulation_steps=2"
+        small_checkpoint,
+        tmp_path / "two",
+        *LORA,
+        *validation,
+        "batch_size=1",
+        "gradient_accumulation_steps=2",
     )
     assert_same_losses(two, one)
+    val_losses = [
+        [row["val_loss"] for row in metrics_rows(run) if "val_loss" in row] for run in (one, two)
+    ]
+    assert len(val_losses[0]) == 2
+    assert max(abs(a - b) for a, b in zip(*val_losses, strict=True)) <= 1e-5
     for file in (ADAPTER, MODEL):
         assert_same_tensors(two / file, one / file)
     assert_only_adapters_in(two / "checkpoints" / "step_000002")
     resumed = one_process(
-        small_checkpoint, tmp_path / "resumed", *LORA, f"resume={two}/checkpoints/step_000002"
+        small_checkpoint,
+        tmp_path / "resumed",
+        *LORA,
+        *validation,
+        f"resume={two}/checkpoints/step_000002",
     )
     assert_same_losses(resumed, one, first_step=3)
     assert_same_tensors(resumed / ADAPTER, one / ADAPTER)
