@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
 import pytest
 import torch
 
-from finetune.config import ModelConfig
+import finetune.generation
+from finetune.config import LORA_TARGETS, LoraConfig, ModelConfig
 from finetune.generation import filter_top_k, filter_top_p, generate, next_token
 from finetune.hf_format import hf_key
+from finetune.lora import apply_lora, merge_lora
 from finetune.model import KVCache, Llama
-from tests.conftest import SMALL_MODEL, max_abs_diff, random_tokens
+from tests.conftest import SMALL_MODEL, max_abs_diff, random_tokens, small_model
+from tests.test_lora import randomise_adapters
 from tests.test_model import GQA_MODEL, hf_llama, random_model
 
 CPU = torch.device("cpu")
@@ -136,9 +140,33 @@ def test_generation_streams_and_leaves_a_training_model_in_training_mode() -> No
     assert [first, *stream] == list(generate(model.eval(), prompt_for(SMALL_MODEL), 24))
 
 
-def test_bf16_model_generates_with_a_bf16_cache() -> None:
+def test_unmerged_lora_model_generates_as_its_merged_model() -> None:
+    # Every target, lm_head included, with dropout that a training-mode step would apply.
+    adapted = small_model(seed=4)
+    apply_lora(adapted, LoraConfig(8, 64.0, 0.5, list(LORA_TARGETS), False))
+    randomise_adapters(adapted)
+    merged = copy.deepcopy(adapted)
+    merge_lora(merged)
+    prompt = prompt_for(SMALL_MODEL)
+
+    expected = list(generate(merged, prompt, max_new_tokens=24))
+    assert list(generate(adapted.train(), prompt, max_new_tokens=24)) == expected
+    assert list(generate(small_model(seed=4), prompt, max_new_tokens=24)) != expected
+
+
+def test_bf16_model_generates_with_a_bf16_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    caches: list[KVCache] = []
+
+    class RecordedKVCache(KVCache):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(finetune.generation, "KVCache", RecordedKVCache)
     model = random_model(SMALL_MODEL).to(torch.bfloat16)
+
     assert len(list(generate(model, prompt_for(SMALL_MODEL), max_new_tokens=4))) == 4
+    assert [cache.keys[0].dtype for cache in caches] == [torch.bfloat16]
 
 
 @pytest.mark.parametrize(
