@@ -135,12 +135,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         enable_gqa = self.n_kv_heads != self.n_heads
-        if cache is not None:
+        if cache is None:
+            # Right padding needs no mask: under the causal mask no real token attends to a pad.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        else:
             k, v = cache.append(k, v)
             out = cached_attention(q, k, v, cache.start, enable_gqa)
-            return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-        # Right padding needs no mask: under the causal mask no real token attends to a pad token.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
