@@ -7,6 +7,8 @@ Hugging Face state dict maps onto this model by a rename alone.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,12 +31,14 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(
-    cfg: ModelConfig, seq_len: int, device: torch.device
+    cfg: ModelConfig, seq_len: int, device: torch.device, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's rotation angles, (seq, head_dim), computed in fp32."""
+    """cos and sin of the rotation angles of positions start .. start + seq_len - 1,
+    (seq, head_dim), computed in fp32."""
     exponents = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta**exponents)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    positions = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -46,6 +50,68 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
 
 
+class LayerCache(NamedTuple):
+    """One layer's view of a `KVCache`: its key and value buffers, and where the new tokens go."""
+
+    keys: torch.Tensor  # (batch, n_kv_heads, max_len, head_dim)
+    values: torch.Tensor
+    start: int
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k and v (batch, n_kv_heads, seq, head_dim) after the cached ones;
+        the keys and values of every position so far."""
+        end = self.start + k.shape[2]
+        self.keys[:, :, self.start : end] = k
+        self.values[:, :, self.start : end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of the positions a model has already seen, so that the next token costs one
+    position's forward pass, not the whole sequence's. Buffers are allocated once at `max_len`
+    positions; with grouped-query attention they hold only the n_kv_heads heads.
+
+    Opt-in: pass one to `Llama.forward(tokens, cache=...)`, which appends the tokens' keys and
+    values and advances `length`. Training never builds one.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch: int = 1,
+    ) -> None:
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        # Positions stored so far, which is also the position of the next token.
+        self.length = 0
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self.keys[index], self.values[index], self.length)
+
+
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, enable_gqa: bool
+) -> torch.Tensor:
+    """Attention of queries at positions start .. start + seq - 1 over keys at 0 .. start + seq - 1.
+
+    SDPA's `is_causal` aligns the mask to the top left, which is right only when queries and keys
+    start together (an empty cache); one new token attends to everything, needing no mask; a chunk
+    after cached tokens needs the causal mask shifted by `start`.
+    """
+    seq = q.shape[2]
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    mask = None
+    if seq > 1:
+        mask = torch.ones(seq, start + seq, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -55,17 +121,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         batch, seq, _ = x.shape
         # (batch, heads, seq, head_dim)
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # Right padding needs no mask: under the causal mask no real token attends to a pad token.
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        enable_gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            # Right padding needs no mask: under the causal mask no real token attends to a pad.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        else:
+            k, v = cache.append(k, v)
+            out = cached_attention(q, k, v, cache.start, enable_gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -93,16 +168,28 @@ class Block(nn.Module):
         # so that parameter names (and so checkpoints and adapters) stay the same either way.
         self.checkpoint_activations = False
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         # Without grad nothing is saved for backward, so there is nothing to recompute.
         if self.checkpoint_activations and torch.is_grad_enabled():
             # Non-reentrant: works with parameters that need no grad (frozen LoRA bases) and
             # restores the RNG state when recomputing, so dropout draws the same masks twice.
-            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        return self._forward(x, cos, sin)
+            return checkpoint(self._forward, x, cos, sin, cache, use_reentrant=False)
+        return self._forward(x, cos, sin, cache)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def _forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -124,15 +211,27 @@ class Llama(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """(batch, seq) token ids -> (batch, seq, vocab) logits; with `targets`, (batch, seq) token
         ids or IGNORE_INDEX, the summed cross-entropy of the labelled positions instead.
+
+        With a `cache`, `tokens` continue the sequence the cache holds: they are placed at
+        positions cache.length onwards, attend to the cached positions too, and are appended to it.
 
         The training loss is computed here, inside the model's call, so that hooks on the model
         run on the training path: a forward hook, FSDP's gathering of the root's weights,
         torch.compile of the root. It applies the output layer a chunk of tokens at a time, so the
         logits of a whole batch never exist at once (see `loss.chunked_cross_entropy`).
         """
+        if cache is not None:
+            if targets is not None:
+                raise ValueError("a KV cache is for generation; the training loss takes none")
+            return self.lm_head(self.cached_hidden_states(tokens, cache))
         hidden = self.hidden_states(tokens)
         if targets is None:
             return self.lm_head(hidden)
@@ -149,6 +248,20 @@ class Llama(nn.Module):
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def cached_hidden_states(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`hidden_states` of tokens that continue the sequence in `cache`, which they extend."""
+        start, seq = cache.length, tokens.shape[1]
+        if start + seq > cache.max_len:
+            raise ValueError(
+                f"{seq} tokens after {start} cached overflow a cache of {cache.max_len} positions"
+            )
+        cos, sin = rotary_cos_sin(self.cfg, seq, tokens.device, start)
+        x = self.embed_tokens(tokens)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layer(index))
+        cache.length = start + seq
         return self.norm(x)
 
     def output_weight(self) -> torch.Tensor:
