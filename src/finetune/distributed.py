@@ -94,10 +94,6 @@ def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def shard_rows(param: torch.Tensor) -> slice:
     """The rows of the full tensor that this process holds of `param` (all of them unless it is
     sharded): FSDP2 splits dim 0 as `torch.chunk` does, the last shards smaller or empty."""

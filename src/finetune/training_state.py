@@ -97,11 +97,6 @@ def restore_rng(rng: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(list(rng["cuda"]))
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights that change: all of them for full fine-tuning, the adapters for LoRA."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def step_dir(output_dir: Path, step: int) -> Path:
     return output_dir / CHECKPOINTS_DIR / f"step_{step:06d}"
 
