@@ -240,6 +240,12 @@ class FullFinetuneParams:
     early_stopping_patience: int = option(
         0, "stop after this many validation passes without a lower val_loss; 0 disables", ge=0
     )
+    sample_prompts: int = option(
+        0,
+        "greedy answers to the first N validation (else training) prompts at each evaluation "
+        "and at the end, in samples.jsonl and the log; 0 disables",
+        ge=0,
+    )
     save_every_n_steps: int = option(
         0,
         "optimizer steps between training-state checkpoints (and one per epoch); 0 disables",
@@ -293,6 +299,14 @@ class FullFinetuneParams:
                 raise ConfigError(
                     key, "needs validation data: set dataset.val_path or dataset.val_split"
                 )
+        # A sample's prompt is what comes before the example's first label: training on the
+        # prompt too would leave nothing to tell the prompt from the answer by.
+        if self.sample_prompts and self.dataset.train_on_input:
+            raise ConfigError(
+                "sample_prompts",
+                "needs the prompts left out of the loss, which tells them from the answers; "
+                "set dataset.train_on_input=false or sample_prompts=0",
+            )
         if not self.output_dir:
             raise ConfigError("output_dir", "is required")
         # Required fields of nested parts are checked here: OmegaConf builds a nested dataclass

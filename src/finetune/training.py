@@ -27,6 +27,7 @@ from finetune.model import Llama
 from finetune.outputs import check_free_space
 from finetune.resume import resume, resume_settings
 from finetune.runs import split_validation
+from finetune.samples import Sampler, sample_prompts
 from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
 from finetune.sweep import job_prefix
 from finetune.tokenizer import Tokenizer
@@ -268,6 +269,15 @@ def train(
     metrics = MetricsLog(metrics_path, total_steps=steps, prefix=job_prefix(), writes=writes)
 
     checkpoints = Checkpoints(output_dir, recipe, params.keep_last_n)
+    sampler = Sampler(
+        model,
+        sample_prompts(val_examples or examples, params.sample_prompts, params.max_seq_len),
+        tokenizer,
+        output_dir,
+        resumed_step=state.step,
+        precision=partial(autocast, device, params.dtype),
+        say=metrics.say,
+    )
 
     def save(epoch_ended: bool, stopping_now: bool) -> Path | None:
         every = params.save_every_n_steps
@@ -284,7 +294,9 @@ def train(
     def validate(step: int, epoch: int) -> float:
         started = time.perf_counter()
         val_loss = evaluate(model, val_examples, params, pad_id, loss_fn, collate)
+        samples = sampler.generate(step)  # timed with the evaluation, not as training
         metrics.write_eval(step, epoch, val_loss, time.perf_counter() - started)
+        sampler.write(samples)
         return val_loss
 
     # Written only now that every input has been read and checked: a run that fails on bad input
@@ -337,6 +349,8 @@ def train(
                 raise SystemExit(stopped_by_signal(stop.signum, step, steps, saved, output_dir))
             if step == steps:
                 break
+    # The end's samples, unless its evaluation took them (or the run it resumes did).
+    sampler.write(sampler.generate(state.step))
     checkpoints.settle()
     metrics.close()
     if val_examples:
