@@ -192,6 +192,12 @@ def cases(ckpt: Path) -> list[Case]:
         ),
         Case("seq_over_context", ("max_seq_len=100000",), "max_seq_len: must be <= model."),
         Case("eval_without_val", ("eval_every_n_steps=5",), "eval_every_n_steps: needs valid"),
+        Case(
+            "samples_of_trained_prompts",
+            ("sample_prompts=2", "dataset.train_on_input=true"),
+            "sample_prompts: needs the prompts left out of the loss, which tells them from the "
+            "answers; set dataset.train_on_input=false or sample_prompts=0",
+        ),
         Case("lora_rank_zero", ("recipe=lora", "lora.rank=0"), "lora.rank: must be >= 1, got 0"),
         Case(
             "qlora_sharded",
