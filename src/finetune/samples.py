@@ -10,12 +10,13 @@ used every time: the first of the validation data, else of the training data.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from finetune import ranks
 from finetune.data import IGNORE_INDEX, Example
@@ -96,7 +97,8 @@ class Sampler:
         self.sampled_step = step
         rows = []
         for sample in self.prompts:
-            answer = self.greedy_answer(sample)
+            with gathered_root(self.model):
+                answer = self.greedy_answer(sample)
             rows.append(
                 {
                     "step": step,
@@ -135,6 +137,22 @@ class Sampler:
                 f"sample {index}/{len(rows)} step {row['step']}: prompt {shown(row['prompt'])} "
                 f"-> answer {json.dumps(row['answer'], ensure_ascii=False)}"
             )
+
+
+@contextmanager
+def gathered_root(model: Llama) -> Iterator[None]:
+    """A sharded model's root weights (embedding, norm, output layer) gathered, in the dtype its
+    layers compute in: `generate` makes its KV cache in the embedding's dtype, and a sharded
+    embedding shows its fp32 shard's. A cache of another dtype than a bf16 run's layers would be
+    cast into a copy by FSDP on its way into each block, leaving the real cache empty."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 # The characters of a prompt's end shown in the log: the instruction, not the template before it.
