@@ -376,7 +376,3 @@ def test_a_chat_model_carries_a_chat_template_that_tokenizes_as_it_trained(
     question = [{"role": "user", "content": "What is 2 + 2?"}]
     prompt = theirs.apply_chat_template(question, tokenize=True, add_generation_prompt=True)
     assert list(prompt["input_ids"]) == [BOS, *tokenizer.encode("[INST] What is 2 + 2? [/INST]")]
-
-    full.run(small_params(small_checkpoint, tmp_path / "alpaca", "max_steps=1"))
-    config = json.loads((tmp_path / "alpaca" / "model" / "tokenizer_config.json").read_text())
-    assert "chat_template" not in config

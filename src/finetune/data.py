@@ -14,8 +14,10 @@ Conversations are read and put in Llama-2's chat format by chat_format.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +106,52 @@ def read_records(path: Path, column_map: dict[str, str]) -> list[dict]:
 def alpaca_prompt(instruction: str, input: str) -> str:
     template = PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT
     return template.format(instruction=instruction, input=input)
+
+
+def jinja_text(prompt: str) -> str:
+    """A prompt with `{name}` fields as a Jinja expression joining its text and those variables:
+    the chat template below says what `alpaca_prompt` says from the same strings."""
+    parts = re.split(r"\{(\w+)\}", prompt)  # text, name, text, name, ..., text
+    return " + ".join(
+        json.dumps(part) if i % 2 == 0 else part for i, part in enumerate(parts) if part
+    )
+
+
+# The Alpaca prompt as a Hugging Face chat template, written into the tokenizer_config.json of a
+# model trained on Alpaca data, so that `apply_chat_template` and vLLM's chat endpoint prompt it as
+# it was trained. The first user message is the instruction; a second user message right after it
+# is the input (Alpaca's context, e.g. the text to summarise); then optionally the assistant's
+# answer, rendered as trained (+ EOS). The prompt ends in "### Response:\n" whether or not a
+# generation prompt is asked for: it is one. Alpaca has no system prompt, and no second exchange:
+# both are refused rather than dropped. The space after BOS is SentencePiece's dummy prefix, which
+# transformers does not add after a special token; parts are right-stripped as in training.
+ALPACA_CHAT_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'user' -%}"
+    "{{ raise_exception('Alpaca prompts start with a user message (the instruction); "
+    "they have no system prompt') }}"
+    "{%- endif -%}"
+    "{%- set instruction = messages[0]['content'].rstrip() -%}"
+    "{%- if messages | length > 1 and messages[1]['role'] == 'user' -%}"
+    "{%- set input = messages[1]['content'].rstrip() -%}"
+    "{%- set rest = messages[2:] -%}"
+    "{%- else -%}"
+    "{%- set input = '' -%}"
+    "{%- set rest = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- if rest | length > 1 or (rest and rest[0]['role'] != 'assistant') -%}"
+    "{{ raise_exception('an Alpaca prompt is one instruction (a user message), an optional "
+    "input (a second user message) and an optional answer (an assistant message)') }}"
+    "{%- endif -%}"
+    "{{ bos_token + ' ' }}"
+    "{%- if input -%}"
+    f"{{{{ {jinja_text(PROMPT_WITH_INPUT)} }}}}"
+    "{%- else -%}"
+    f"{{{{ {jinja_text(PROMPT_NO_INPUT)} }}}}"
+    "{%- endif -%}"
+    "{%- if rest -%}"
+    "{{ rest[0]['content'].rstrip() + eos_token }}"
+    "{%- endif -%}"
+)
 
 
 def tokenize_alpaca(

@@ -61,7 +61,8 @@ def save_hf(
 ) -> None:
     """Write `model` as a Hugging Face checkpoint that transformers and vLLM load as they are.
 
-    `chat_template` goes into tokenizer_config.json unless the tokenizer's own has one. One
+    `chat_template` goes into tokenizer_config.json, replacing any the tokenizer brought: a
+    model answers best in the format it was last trained on, not its base's. One
     safetensors file at a time is gathered and written, so a sharded model (every process calls
     this; rank 0 writes) is never whole on one process, and a model on one process is never
     copied whole into the output dtype.
@@ -111,7 +112,7 @@ def _to_save(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _add_chat_template(path: Path, template: str) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
-    config.setdefault("chat_template", template)
+    config["chat_template"] = template
     _write_json(path, config)
 
 

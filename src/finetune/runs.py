@@ -19,7 +19,7 @@ from finetune import ranks
 from finetune.chat_format import LLAMA2_CHAT_TEMPLATE
 from finetune.checkpoint import load_checkpoint, load_sharded_weights, output_dtype
 from finetune.config import Device, DType, FullFinetuneParams, OutputFormat
-from finetune.data import Example, load_dataset, split_examples
+from finetune.data import ALPACA_CHAT_TEMPLATE, Example, load_dataset, split_examples
 from finetune.distributed import local_device, shard_model
 from finetune.errors import UserError
 from finetune.hf_format import save_hf
@@ -33,6 +33,10 @@ from finetune.training_state import check_resume_before_loading, is_resuming
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=FullFinetuneParams)
+
+# The chat template a saved model carries, by the `dataset.format` it was trained on: its prompt
+# format, for `apply_chat_template` and chat endpoints.
+CHAT_TEMPLATES = {"alpaca": ALPACA_CHAT_TEMPLATE, "chat": LLAMA2_CHAT_TEMPLATE}
 
 
 def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
@@ -112,7 +116,7 @@ def save_model(
             eos_id=tokenizer.eos_id,
             dtype=dtype,
             max_shard_bytes=params.max_shard_size_mb * 1_000_000,
-            chat_template=LLAMA2_CHAT_TEMPLATE if params.dataset.format == "chat" else "",
+            chat_template=CHAT_TEMPLATES[params.dataset.format],
         )
     if ranks.writes_files():
         log.info("model saved to %s (%s)", out_dir, str(dtype).removeprefix("torch."))
