@@ -16,7 +16,6 @@ from finetune.recipes import full, lora
 from finetune.samples import MAX_NEW_TOKENS, split_at_answer
 from finetune.tokenizer import Tokenizer
 from tests.conftest import (
-    SAMPLE_DATA,
     SMALL_MODEL,
     metrics_rows,
     run_on_two,
@@ -24,22 +23,17 @@ from tests.conftest import (
     write_jsonl,
 )
 from tests.test_resume import interrupt_at_step
+from tests.test_validation import sample_rows
 
 BOS, EOS = 1, 2
-
-
-def sample_records(start: int, stop: int) -> list[dict]:
-    return [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines()[start:stop]]
 
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(training file of 12 records, validation file of 4 others)."""
     directory = tmp_path_factory.mktemp("data")
-    return (
-        write_jsonl(directory / "train.jsonl", sample_records(0, 12)),
-        write_jsonl(directory / "val.jsonl", sample_records(12, 16)),
-    )
+    train = write_jsonl(directory / "train.jsonl", sample_rows(0, 12))
+    return train, write_jsonl(directory / "val.jsonl", sample_rows(12, 16))
 
 
 def run_params(checkpoint: Path, train: Path, out: Path, *overrides: str, recipe: str = "full"):
@@ -100,7 +94,7 @@ def test_samples_are_the_first_validation_prompts_at_every_evaluation_and_the_en
 
     rows = samples(tmp_path)
     assert [row["step"] for row in rows] == [2, 2, 4, 4, 5, 5]
-    records = sample_records(12, 14)  # the first two of the validation file, every time
+    records = sample_rows(12, 14)  # the first two of the validation file, every time
     for row, record in zip(rows, records * 3, strict=True):
         assert row["prompt"] == alpaca_prompt(record["instruction"], record["input"])
         # The answer as training saw it: cut at max_seq_len.
@@ -134,7 +128,7 @@ def test_without_validation_data_the_first_training_prompts_are_sampled_at_the_e
     )
     rows = samples(tmp_path)
     assert [row["step"] for row in rows] == [2, 2]
-    expected = [alpaca_prompt(r["instruction"], r["input"]) for r in sample_records(0, 2)]
+    expected = [alpaca_prompt(r["instruction"], r["input"]) for r in sample_rows(0, 2)]
     assert [row["prompt"] for row in rows] == expected
 
 
