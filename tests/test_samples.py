@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.chat_format import Message
 from finetune.checkpoint import load_hf
-from finetune.data import IGNORE_INDEX, Example, alpaca_prompt, tokenize_alpaca
+from finetune.data import IGNORE_INDEX, Example, alpaca_prompt, tokenize_alpaca, tokenize_chat
 from finetune.generation import generate
 from finetune.recipes import full, lora
 from finetune.samples import MAX_NEW_TOKENS, split_at_answer
@@ -66,6 +67,24 @@ def test_the_prompt_is_every_token_before_the_first_label_and_the_reference_foll
     sample = split_at_answer(Example(tokens, labels), max_seq_len=64)
     assert sample.prompt == [BOS, 10, 11, 12]
     assert sample.reference == [20, 21, EOS]  # the first answer only
+
+
+def test_a_chats_prompt_is_its_first_user_turn_and_the_reference_its_first_answer(
+    tokenizer: Tokenizer,
+) -> None:
+    chat = [
+        Message("system", "Be brief."),
+        Message("user", "What is 2 + 2?"),
+        Message("assistant", "4."),
+        Message("user", "And 3 + 3?"),
+        Message("assistant", "6."),
+    ]
+    example = tokenize_chat(chat, tokenizer, max_seq_len=512, train_on_input=False)
+    sample = split_at_answer(example, max_seq_len=512)
+    first_turn = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2 + 2? [/INST]"
+    assert sample.prompt == [BOS, *tokenizer.encode(first_turn)]
+    assert tokenizer.decode(sample.reference) == "4. "  # the answer as trained: " 4. " + EOS
+    assert sample.reference[-1] == EOS
 
 
 def test_an_answer_gets_the_room_training_gave_it_at_most_max_new_tokens() -> None:
