@@ -19,10 +19,13 @@ from finetune.tokenizer import Tokenizer
 from tests.conftest import (
     SMALL_MODEL,
     metrics_rows,
+    model_overrides,
     run_on_two,
     small_params,
+    write_checkpoint,
     write_jsonl,
 )
+from tests.test_qlora import QLORA_MODEL, needs_torchao
 from tests.test_resume import interrupt_at_step
 from tests.test_validation import sample_rows
 
@@ -256,3 +259,27 @@ def test_a_sharded_run_samples_on_every_process_and_writes_once(
             pairs = zip(row["answer"], answer, strict=False)
             first_difference = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
             assert first_difference is None or first_difference >= 40
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA
+# --------------------------------------------------------------------------------------------
+
+
+@needs_torchao
+def test_a_qlora_run_samples_as_its_merged_model_answers(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    """The 4-bit base and its adapters generate through the KV cache as the merged model does."""
+    checkpoint = write_checkpoint(tmp_path / "base", QLORA_MODEL)
+    out = tmp_path / "run"
+    overrides = ("recipe=lora", "lora.quantize_base=true", "max_steps=1", "sample_prompts=2")
+    lora.run(small_params(checkpoint, out, *model_overrides(QLORA_MODEL), *overrides))
+
+    rows = samples(out)
+    assert [row["step"] for row in rows] == [1, 1]
+    model = load_hf(QLORA_MODEL, out / "model", torch.device("cpu"), torch.float32)
+    for row in rows:
+        prompt = [BOS, *tokenizer.encode(row["prompt"])]
+        answer = generate(model, prompt, max_new_tokens=128 - len(prompt), eos_id=EOS)
+        assert row["answer"] == tokenizer.decode(list(answer))
