@@ -50,13 +50,18 @@ def add_adapter(model: Llama, adapter_dir: Path) -> None:
     """Wrap `model`'s layers in the adapter's LoRA modules, as its adapter_config.json describes
     them, and load its tensors. A base of another shape is refused by `load_adapter` in one line
     naming the tensor and both shapes."""
-    apply_lora(model, adapter_lora_config(adapter_dir))
-    load_adapter(model, adapter_dir)
+    lora_config, base = read_adapter_config(adapter_dir)
+    apply_lora(model, lora_config)
+    try:
+        load_adapter(model, adapter_dir)
+    except UserError as error:
+        raise UserError(f"{error} (the adapter's base model: {base})") from None
     model.requires_grad_(False)
 
 
-def adapter_lora_config(adapter_dir: Path) -> LoraConfig:
-    """The LoRA settings an adapter directory (ours or PEFT's) was trained with."""
+def read_adapter_config(adapter_dir: Path) -> tuple[LoraConfig, str]:
+    """The LoRA settings an adapter directory (ours or PEFT's) was trained with, and the base
+    model it names."""
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise UserError(f"{path}: not found (expected a PEFT LoRA adapter directory)")
@@ -70,8 +75,9 @@ def adapter_lora_config(adapter_dir: Path) -> LoraConfig:
     if missing:
         raise UserError(f"{path}: missing {', '.join(map(repr, missing))}")
     targets = config["target_modules"]
+    base = str(config.get("base_model_name_or_path") or "not named")
     try:
-        return LoraConfig(
+        lora_config = LoraConfig(
             rank=config["r"],
             alpha=float(config["lora_alpha"]),
             dropout=0.0,  # inference: dropout is off anyway
@@ -80,6 +86,7 @@ def adapter_lora_config(adapter_dir: Path) -> LoraConfig:
         )
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+    return lora_config, base
 
 
 # --------------------------------------------------------------------------------------------
