@@ -87,6 +87,7 @@ def test_eval_without_validation_data_reads_the_whole_file_and_prints_the_loss(
     data = sample_rows(tmp_path / "five.jsonl", 0, 5)
     result = run_cli(
         "recipe=eval",
+        "dataset=alpaca",
         "model=auto",
         f"checkpoint={small_checkpoint}",
         f"dataset.path={data}",

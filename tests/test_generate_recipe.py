@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -305,6 +306,46 @@ def test_a_conversation_beyond_the_context_drops_its_oldest_turns(
     assert "(not answered: " in result.stderr
     assert len([line for line in result.stderr.splitlines() if "answers" in line]) == 1
     assert "- 2 answers" in result.stderr
+
+
+def test_a_terminal_gets_a_conversation_that_ctrl_d_ends(
+    small_checkpoint: Path, tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "finetune",
+            "recipe=generate",
+            "model=auto",
+            f"checkpoint={small_checkpoint}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "template=chat",
+            "max_new_tokens=5",
+        ],
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ONE_THREAD},
+    )
+    os.close(terminal)
+    # Typed ahead: the terminal holds the lines until the conversation reads them; Ctrl-D ends.
+    os.write(controller, b"What does os.walk do?\n/reset\nHi.\n\x04")
+    stdout, stderr = process.communicate(timeout=120)
+    os.close(controller)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+    params = generate_params(small_checkpoint, tmp_path / "x", "max_new_tokens=5")
+    model = load_for_inference(params, torch.device("cpu"), torch.float32)
+    first, second = (
+        greedy_text(model, chat_prompt_ids([Message("user", text)], tokenizer), tokenizer, 5)
+        for text in ("What does os.walk do?", "Hi.")
+    )
+    # A prompt before each message (the reset's too, and the one Ctrl-D answered).
+    assert stdout == f"> {first}\n> > {second}\n> "
 
 
 def test_ctrl_c_ends_the_conversation_cleanly(small_checkpoint: Path, tmp_path: Path) -> None:
