@@ -68,16 +68,43 @@ def greedy_text(model: torch.nn.Module, prompt: list[int], tokenizer: Tokenizer,
     return tokenizer.decode(ids)
 
 
-def generate_cli(checkpoint: Path, run_dir: Path, *args: str, stdin: str = ""):
-    return run_cli(
+def generate_args(checkpoint: Path, run_dir: Path, *args: str) -> list[str]:
+    return [
         "recipe=generate",
         "model=auto",
         f"checkpoint={checkpoint}",
         f"hydra.run.dir={run_dir}",
         *args,
+    ]
+
+
+def generate_cli(checkpoint: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_cli(*generate_args(checkpoint, run_dir, *args), cwd=run_dir.parent, env=ONE_THREAD)
+
+
+def converse_cli(
+    checkpoint: Path, run_dir: Path, lines: list[str], *args: str
+) -> subprocess.CompletedProcess:
+    """The CLI with `lines` piped to stdin; it must end well, however the conversation went."""
+    result = run_cli(
+        *generate_args(checkpoint, run_dir, "template=chat", *args),
         cwd=run_dir.parent,
         env=ONE_THREAD,
+        stdin="".join(f"{line}\n" for line in lines),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def start_cli(checkpoint: Path, run_dir: Path, stdin: int, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune", *generate_args(checkpoint, run_dir, *args)],
         stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ONE_THREAD},
     )
 
 
@@ -184,23 +211,21 @@ def test_prompts_file_gives_each_prompt_the_answer_it_gets_alone(
     assert capsys.readouterr().out == written[2]["response"] + "\n"
 
 
+def compared_row(checkpoint: Path, tmp_path: Path, base: str) -> dict:
+    """The row of generations.jsonl for one prompt, answered by `checkpoint` and by `base`
+    (`adapter=...`: the checkpoint without it; `base=...`: another model), 12 tokens greedy."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Name a prime."}])
+    out = tmp_path / "run"
+    overrides = (f"prompts={prompts}", "compare_base=true", base, "max_new_tokens=12")
+    generate_recipe.run(generate_params(checkpoint, out, *overrides))
+    return json.loads((out / "generations.jsonl").read_text())
+
+
 def test_compare_base_answers_with_and_without_the_adapter(
     small_checkpoint: Path, tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
     adapter = write_adapter(tmp_path / "adapter", small_checkpoint)
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Name a prime."}])
-    out = tmp_path / "run"
-    generate_recipe.run(
-        generate_params(
-            small_checkpoint,
-            out,
-            f"prompts={prompts}",
-            f"adapter={adapter}",
-            "compare_base=true",
-            "max_new_tokens=12",
-        )
-    )
-    row = json.loads((out / "generations.jsonl").read_text())
+    row = compared_row(small_checkpoint, tmp_path, f"adapter={adapter}")
 
     params = generate_params(small_checkpoint, tmp_path / "x")
     prompt = alpaca_prompt_ids("Name a prime.", "", tokenizer)
@@ -215,19 +240,7 @@ def test_compare_base_with_another_base_model(
     small_checkpoint: Path, tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
     other = write_checkpoint(tmp_path / "other", seed=5)
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Name a prime."}])
-    out = tmp_path / "run"
-    generate_recipe.run(
-        generate_params(
-            small_checkpoint,
-            out,
-            f"prompts={prompts}",
-            "compare_base=true",
-            f"base={other}",
-            "max_new_tokens=12",
-        )
-    )
-    row = json.loads((out / "generations.jsonl").read_text())
+    row = compared_row(small_checkpoint, tmp_path, f"base={other}")
     prompt = alpaca_prompt_ids("Name a prime.", "", tokenizer)
     for key, checkpoint in (("response", small_checkpoint), ("base_response", other)):
         params = generate_params(checkpoint, tmp_path / key)
@@ -264,15 +277,7 @@ def test_piped_messages_are_one_conversation_until_reset(
     small_checkpoint: Path, tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
     lines = ["What does os.path.join do?", "And shutil.copy?", "/reset", "Hi there."]
-    result = generate_cli(
-        small_checkpoint,
-        tmp_path / "run",
-        "template=chat",
-        "max_new_tokens=6",
-        stdin="\n".join(lines) + "\n",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
+    result = converse_cli(small_checkpoint, tmp_path / "run", lines, "max_new_tokens=6")
 
     params = generate_params(small_checkpoint, tmp_path / "x")
     model = load_for_inference(params, torch.device("cpu"), torch.float32)
@@ -293,15 +298,7 @@ def test_a_conversation_beyond_the_context_drops_its_oldest_turns(
     # 256 tokens of context: each answer of up to 150 tokens crowds out the turn before.
     too_long = " ".join(["word"] * 300)
     lines = ["Tell me about os.", "And sys?", too_long, "/exit", "never read"]
-    result = generate_cli(
-        small_checkpoint,
-        tmp_path / "run",
-        "template=chat",
-        "max_new_tokens=150",
-        stdin="\n".join(lines) + "\n",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
+    result = converse_cli(small_checkpoint, tmp_path / "run", lines, "max_new_tokens=150")
     assert "oldest turn(s) left out to fit the context of 256" in result.stderr
     assert "(not answered: " in result.stderr
     assert len([line for line in result.stderr.splitlines() if "answers" in line]) == 1
@@ -312,23 +309,8 @@ def test_a_terminal_gets_a_conversation_that_ctrl_d_ends(
     small_checkpoint: Path, tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "finetune",
-            "recipe=generate",
-            "model=auto",
-            f"checkpoint={small_checkpoint}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            "template=chat",
-            "max_new_tokens=5",
-        ],
-        stdin=terminal,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **ONE_THREAD},
+    process = start_cli(
+        small_checkpoint, tmp_path / "run", terminal, "template=chat", "max_new_tokens=5"
     )
     os.close(terminal)
     # Typed ahead: the terminal holds the lines until the conversation reads them; Ctrl-D ends.
@@ -349,23 +331,7 @@ def test_a_terminal_gets_a_conversation_that_ctrl_d_ends(
 
 
 def test_ctrl_c_ends_the_conversation_cleanly(small_checkpoint: Path, tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "finetune",
-            "recipe=generate",
-            "model=auto",
-            f"checkpoint={small_checkpoint}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            "max_new_tokens=4",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **ONE_THREAD},
-    )
+    process = start_cli(small_checkpoint, tmp_path / "run", subprocess.PIPE, "max_new_tokens=4")
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write("Name a prime.\n")
     process.stdin.flush()

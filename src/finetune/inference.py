@@ -22,7 +22,7 @@ from finetune.errors import UserError
 from finetune.generation import generate
 from finetune.lora import apply_lora
 from finetune.model import Llama
-from finetune.peft_format import ADAPTER_CONFIG, load_adapter
+from finetune.peft_format import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from finetune.runs import load_model
 from finetune.tokenizer import Tokenizer
 
@@ -50,7 +50,7 @@ def add_adapter(model: Llama, adapter_dir: Path) -> None:
     """Wrap `model`'s layers in the adapter's LoRA modules, as its adapter_config.json describes
     them, and load its tensors. A base of another shape is refused by `load_adapter` in one line
     naming the tensor and both shapes."""
-    lora_config, base = read_adapter_config(adapter_dir)
+    lora_config, base = adapter_settings(adapter_dir)
     apply_lora(model, lora_config)
     try:
         load_adapter(model, adapter_dir)
@@ -59,17 +59,12 @@ def add_adapter(model: Llama, adapter_dir: Path) -> None:
     model.requires_grad_(False)
 
 
-def read_adapter_config(adapter_dir: Path) -> tuple[LoraConfig, str]:
+def adapter_settings(adapter_dir: Path) -> tuple[LoraConfig, str]:
     """The LoRA settings an adapter directory (ours or PEFT's) was trained with, and the base
     model it names."""
     path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise UserError(f"{path}: not found (expected a PEFT LoRA adapter directory)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    config = read_adapter_config(path)
+    if config.get("peft_type") != "LORA":
         raise UserError(f"{path}: not a LoRA adapter (expected peft_type LORA)")
     missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
     if missing:
