@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from finetune.config import DType, EvalParams
-from finetune.data import IGNORE_INDEX, Example, load_dataset
+from finetune.data import IGNORE_INDEX, Example, load_dataset, split_examples
 from finetune.inference import load_for_inference
 from finetune.outputs import check_writable
-from finetune.runs import load_tokenizer, resolve_device, seed_everything, split_validation
+from finetune.runs import load_tokenizer, resolve_device, seed_everything
+from finetune.tokenizer import Tokenizer
 from finetune.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,16 @@ def run(params: EvalParams) -> float:
     return loss
 
 
-def evaluated_examples(params: EvalParams, tokenizer) -> tuple[list[Example], str]:
-    """(the examples evaluated, which data they are): the validation part when there is one."""
-    examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
+def evaluated_examples(params: EvalParams, tokenizer: Tokenizer) -> tuple[list[Example], str]:
+    """(the examples evaluated, which data they are): the validation part, as training reads
+    and splits it (see `runs.split_validation`), when there is one; else all of dataset.path."""
     cfg = params.dataset
-    if not cfg.has_validation:
-        return examples, cfg.path
-    _, validation = split_validation(examples, params, tokenizer)
     if cfg.val_path:
-        return validation, cfg.val_path
+        return load_dataset(cfg, tokenizer, params.max_seq_len, path=cfg.val_path), cfg.val_path
+    examples = load_dataset(cfg, tokenizer, params.max_seq_len)
+    if not cfg.val_split:
+        return examples, cfg.path
+    _, validation = split_examples(examples, cfg.val_split, params.seed)
     return validation, f"{cfg.path}, val_split={cfg.val_split} with seed={params.seed}"
 
 
