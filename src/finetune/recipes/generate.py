@@ -60,39 +60,78 @@ class Request:
     ids: list[int]
 
 
+@dataclass
+class Generation:
+    """What every source of prompts needs: the params, the tokenizer and prompt template, and
+    the device and dtype the model loads in."""
+
+    params: GenerateParams
+    tokenizer: Tokenizer
+    template: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def load(self, params: GenerateParams, adapter: str = "") -> Llama:
+        return load_for_inference(params, self.device, self.dtype, adapter)
+
+    def answer_each(self, model: Llama, requests: list[Request], which: str) -> list[Answer]:
+        answers = []
+        for number, request in enumerate(requests, start=1):
+            answers.append(answer(model, request.ids, self.tokenizer, self.params))
+            n_tokens = answers[-1].n_tokens
+            log.info("%s: %d/%d answered (%d tokens)", which, number, len(requests), n_tokens)
+        return answers
+
+
 def run(params: GenerateParams) -> float:
-    """Answer `params.prompt`, `params.prompts` or the messages on stdin; returns the mean
+    """Answer `params.prompts`, `params.prompt` or the messages on stdin; returns the mean
     length of the answers in tokens (what a sweep over temperature or top_p compares)."""
     logs_to_stderr()  # stdout holds the answers
     check_writable(Path(params.output_dir))
     seed_everything(params.seed)
-    device = resolve_device(params.device)
     tokenizer = load_tokenizer(params)
     template = resolve_template(params.template, Path(params.checkpoint))
     # Without an optimizer there is no master copy to keep: bf16 holds the weights in bf16.
     dtype = torch.bfloat16 if params.dtype is DType.bf16 else torch.float32
-    context = params.model.context_length
+    generation = Generation(params, tokenizer, template, resolve_device(params.device), dtype)
     if params.prompts:
-        requests = read_prompts(Path(params.prompts), template, tokenizer)
-        for number, request in enumerate(requests, start=1):
-            check_fits(
-                len(request.ids), params.max_new_tokens, context, f"{params.prompts}: #{number}"
-            )
-        base = base_params(params)  # checked before any answer is generated
-        answers, base_answers = answer_all(params, base, requests, tokenizer, device, dtype)
-        write_generations(params, requests, answers, base_answers, tokenizer)
-        return sum(a.n_tokens for a in answers) / len(answers)
+        return answer_file(generation)
     if params.prompt:
-        ids = prompt_ids(template, params.prompt, tokenizer)
-        check_fits(len(ids), params.max_new_tokens, context, "prompt")
-        model = load_for_inference(params, device, dtype, params.adapter)
-        reply = answer(model, ids, tokenizer, params, write=print_now)
-        print_now("\n")
-        return float(reply.n_tokens)
+        return answer_prompt(generation)
+    return answer_stdin(generation)
+
+
+def answer_file(generation: Generation) -> float:
+    """generations.jsonl for the prompts file, every prompt checked before the model loads."""
+    params = generation.params
+    requests = read_prompts(Path(params.prompts), generation.template, generation.tokenizer)
+    for number, request in enumerate(requests, start=1):
+        where = f"{params.prompts}: #{number}"
+        check_fits(len(request.ids), params.max_new_tokens, params.model.context_length, where)
+    base = base_params(params)
+    answers, base_answers = answer_all(generation, base, requests)
+    write_generations(params, requests, answers, base_answers, generation.tokenizer)
+    return sum(a.n_tokens for a in answers) / len(answers)
+
+
+def answer_prompt(generation: Generation) -> float:
+    """The answer to `prompt=`, streamed to stdout."""
+    params, tokenizer = generation.params, generation.tokenizer
+    ids = prompt_ids(generation.template, params.prompt, tokenizer)
+    check_fits(len(ids), params.max_new_tokens, params.model.context_length, "prompt")
+    model = generation.load(params, params.adapter)
+    reply = answer(model, ids, tokenizer, params, write=print_now)
+    print_now("\n")
+    return float(reply.n_tokens)
+
+
+def answer_stdin(generation: Generation) -> float:
+    """A conversation on the terminal, or an answer to each line piped in."""
+    params, template = generation.params, generation.template
     lines = stdin_lines()
-    model = load_for_inference(params, device, dtype, params.adapter)
+    model = generation.load(params, params.adapter)
     log.info("%s template; %s", template, "/reset starts anew, /exit or Ctrl-D ends")
-    answered = converse(model, tokenizer, template, params, lines, sys.stdout)
+    answered = converse(model, generation.tokenizer, template, params, lines, sys.stdout)
     log.info("%d answers", answered)
     return float("nan")  # a conversation has no number to compare runs by
 
@@ -116,8 +155,9 @@ def read_prompts(path: Path, template: str, tokenizer: Tokenizer) -> list[Reques
 
 
 def base_params(params: GenerateParams) -> GenerateParams | None:
-    """The params of `base=DIR`, the model compare_base answers with, architecture and all;
-    None when there is none (the base is then the checkpoint without the adapter)."""
+    """The params of `base=DIR`, the model compare_base answers with, architecture and all
+    (checked now, before any answer is generated); None when there is none (the base is then
+    the checkpoint without the adapter)."""
     if not params.base:
         return None
     return dataclasses.replace(
@@ -126,44 +166,23 @@ def base_params(params: GenerateParams) -> GenerateParams | None:
 
 
 def answer_all(
-    params: GenerateParams,
-    base: GenerateParams | None,
-    requests: list[Request],
-    tokenizer: Tokenizer,
-    device: torch.device,
-    dtype: torch.dtype,
+    generation: Generation, base: GenerateParams | None, requests: list[Request]
 ) -> tuple[list[Answer], list[Answer] | None]:
     """(the answers, the base's answers or None). One model is in memory at a time: the
     checkpoint answers first without its adapter (when compared with itself), then with it;
     a `base=` model answers last."""
-    model = load_for_inference(params, device, dtype)
+    params = generation.params
+    model = generation.load(params)
     base_answers = None
     if params.compare_base and base is None:
-        base_answers = answer_each(model, requests, tokenizer, params, "base")
+        base_answers = generation.answer_each(model, requests, "base")
     if params.adapter:
         add_adapter(model, Path(params.adapter))
-    answers = answer_each(model, requests, tokenizer, params, "model")
+    answers = generation.answer_each(model, requests, "model")
     if base is not None:
         del model
-        model = load_for_inference(base, device, dtype)
-        base_answers = answer_each(model, requests, tokenizer, params, "base")
+        base_answers = generation.answer_each(generation.load(base), requests, "base")
     return answers, base_answers
-
-
-def answer_each(
-    model: Llama,
-    requests: list[Request],
-    tokenizer: Tokenizer,
-    params: GenerateParams,
-    which: str,
-) -> list[Answer]:
-    answers = []
-    for number, request in enumerate(requests, start=1):
-        answers.append(answer(model, request.ids, tokenizer, params))
-        log.info(
-            "%s: %d/%d answered (%d tokens)", which, number, len(requests), answers[-1].n_tokens
-        )
-    return answers
 
 
 def write_generations(
