@@ -26,6 +26,7 @@ from finetune.inference import (
     load_for_inference,
     resolve_template,
 )
+from finetune.lora import lora_modules
 from finetune.recipes import generate as generate_recipe
 from finetune.tokenizer import Tokenizer
 from tests.conftest import (
@@ -353,3 +354,33 @@ def test_streamed_pieces_join_into_the_whole_answer(
     reply = answer(model, alpaca_prompt_ids("Hi", "", tokenizer), tokenizer, params, pieces.append)
     assert "".join(pieces) == reply.text
     assert len([p for p in pieces if p]) > 1 and " " in reply.text
+
+
+def test_template_none_reads_an_instruction_and_input_as_raw_text(
+    tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    rows = [{"instruction": "Add these.", "input": "2 and 3"}, {"instruction": "import os"}]
+    requests = generate_recipe.read_prompts(
+        write_jsonl(tmp_path / "p.jsonl", rows), "none", tokenizer
+    )
+    assert [r.ids for r in requests] == [
+        [tokenizer.bos_id, *tokenizer.encode("Add these.\n\n2 and 3")],
+        [tokenizer.bos_id, *tokenizer.encode("import os")],
+    ]
+
+
+def test_bf16_generation_holds_bf16_weights_under_fp32_adapters(
+    small_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    adapter = write_adapter(tmp_path / "adapter", small_checkpoint)
+    params = generate_params(
+        small_checkpoint, tmp_path / "run", "dtype=bf16", f"adapter={adapter}", "prompt=Hi"
+    )
+    n_tokens = generate_recipe.run(params)
+    assert n_tokens == 16  # a random model does not stop early
+    assert capsys.readouterr().out.strip()
+    model = load_for_inference(params, torch.device("cpu"), torch.bfloat16, str(adapter))
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    adapted = lora_modules(model).values()
+    assert adapted and all(m.base.weight.dtype == torch.bfloat16 for m in adapted)
+    assert all(m.lora_A.weight.dtype == m.lora_B.weight.dtype == torch.float32 for m in adapted)
