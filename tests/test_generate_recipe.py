@@ -37,6 +37,7 @@ from tests.conftest import (
     write_checkpoint,
     write_jsonl,
 )
+from tests.test_launch import torchrun
 
 SYSTEM = Message("system", "You answer briefly.")
 CONVERSATION = [
@@ -384,3 +385,16 @@ def test_bf16_generation_holds_bf16_weights_under_fp32_adapters(
     adapted = lora_modules(model).values()
     assert adapted and all(m.base.weight.dtype == torch.bfloat16 for m in adapted)
     assert all(m.lora_A.weight.dtype == m.lora_B.weight.dtype == torch.float32 for m in adapted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["generate", "eval"])
+def test_torchrun_is_refused_in_one_line(
+    recipe: str, small_checkpoint: Path, tmp_path: Path
+) -> None:
+    fits = ["prompt=Hi", "max_new_tokens=4"] if recipe == "generate" else ["max_seq_len=128"]
+    args = [f"recipe={recipe}", "model=auto", f"checkpoint={small_checkpoint}", *fits]
+    result = torchrun(*args, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: recipe={recipe} runs on one process: start it without torchrun"]
