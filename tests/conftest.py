@@ -18,13 +18,16 @@ from omegaconf import DictConfig
 from finetune.config import (
     ASSETS_DIR,
     FullFinetuneParams,
+    LoraConfig,
     ModelConfig,
     build_params,
     config_dir,
     register_schemas,
 )
 from finetune.hf_format import save_hf
+from finetune.lora import apply_lora, lora_modules
 from finetune.model import Llama
+from finetune.peft_format import save_adapter
 from finetune.tokenizer import Tokenizer
 
 # Nothing in the tests may reach the network.
@@ -109,6 +112,23 @@ def write_checkpoint(directory: Path, cfg: ModelConfig = SMALL_MODEL, seed: int 
     return directory
 
 
+def write_adapter(
+    directory: Path, base: Path, cfg: ModelConfig = SMALL_MODEL, seed: int = 0, rank: int = 4
+) -> Path:
+    """A LoRA adapter on q_proj and v_proj for a model of `cfg`, with random (non-zero) tensors, in
+    PEFT's layout, naming `base` as its base model."""
+    model = small_model(seed, cfg)
+    lora_cfg = LoraConfig(rank=rank, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj"])
+    apply_lora(model, lora_cfg)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            weight = module.lora_B.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
+    save_adapter(model, directory, str(base), lora_cfg)
+    return directory
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -124,11 +144,15 @@ def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in metrics_rows(run_dir) if "loss" in row]
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m finetune ARGS` in a subprocess, as a user would type it."""
+def run_cli(
+    *args: str, cwd: Path, env: dict | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess:
+    """`python -m finetune ARGS` in a subprocess, as a user would type it, with `stdin` piped
+    in (never the terminal the tests run from: recipe=generate would chat on it)."""
     return subprocess.run(
         [sys.executable, "-m", "finetune", *args],
         cwd=cwd,
+        input=stdin,
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

@@ -4,6 +4,7 @@ earlier run's outputs in the run directory exactly as they were."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -24,11 +25,14 @@ from tests.conftest import (
     model_overrides,
     run_cli,
     small_params,
+    write_adapter,
     write_jsonl,
 )
 
 SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
 ROW = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+CHAT_USER = {"role": "user", "content": "Say hi."}
+CHAT_ASSISTANT = {"role": "assistant", "content": "Hi."}
 # An earlier run's outputs, which a failed run must neither delete nor overwrite: those of a run
 # stopped before its end, and of a finished one, which also left its model and adapter.
 UNFINISHED_RUN = {
@@ -134,6 +138,10 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     bad_adapter = tmp / "bad_json_adapter"
     bad_adapter.mkdir()
     (bad_adapter / "adapter_config.json").write_text("{oops")
+    # An adapter trained on a model of another width, and prompts files generation cannot read.
+    narrow = dataclasses.replace(SMALL_MODEL, dim=32, n_heads=2, n_kv_heads=1)
+    write_adapter(tmp / "narrow_adapter", Path("/models/narrow"), narrow)
+    write_jsonl(tmp / "answered_chat.jsonl", [{"messages": [CHAT_USER, CHAT_ASSISTANT]}])
 
 
 def good_run_args(ckpt: Path, inputs: Path) -> tuple[str, ...]:
@@ -145,6 +153,7 @@ def cases(ckpt: Path) -> list[Case]:
     good = ("dataset.path={tmp}/good.jsonl",)
     run = (f"checkpoint={ckpt}", *SMALL)
     lora = ("recipe=lora", *run, *good)
+    generate = ("recipe=generate", "model=auto", f"checkpoint={ckpt}", "max_new_tokens=4")
     reads = partial(Case, reads_inputs=True)
     return [
         # Overrides: caught while composing or validating the config, before anything is read.
@@ -161,7 +170,9 @@ def cases(ckpt: Path) -> list[Case]:
         Case("negative_lr", ("lr=-1",), "lr: must be > 0, got -1.0"),
         Case("zero_batch", ("batch_size=0",), "batch_size: must be >= 1, got 0"),
         Case(
-            "unknown_key", ("+nosuchkey=1",), "nosuchkey: unknown key; valid keys: model, dataset"
+            "unknown_key",
+            ("+nosuchkey=1",),
+            "nosuchkey: unknown key; valid keys: model, checkpoint, tokenizer",
         ),
         Case(
             "unknown_model_key",
@@ -184,7 +195,7 @@ def cases(ckpt: Path) -> list[Case]:
         Case(
             "unknown_recipe",
             ("recipe=nosuch",),
-            "recipe=nosuch: no such option; available: full, lora",
+            "recipe=nosuch: no such option; available: eval, full, generate, lora",
         ),
         # The default tuning is skipped when absent; one given on the command line is not.
         Case(
@@ -228,7 +239,7 @@ def cases(ckpt: Path) -> list[Case]:
                 "config",
                 "hydra.job.name=finetune",
             ),
-            "epoch: unknown key; valid keys: model, dataset, checkpoint",
+            "epoch: unknown key; valid keys: model, checkpoint, tokenizer, output_dir",
         ),
         # Files named by the config.
         Case("ckpt_empty_value", ("checkpoint=",), "checkpoint: is required (a directory)"),
@@ -376,6 +387,83 @@ def cases(ckpt: Path) -> list[Case]:
             "tok_vocab",
             (*run, *good, "tokenizer={tmp}/small_vocab/tokenizer.json"),
             "tokenizer.json: tokenizer has 4 tokens but the model's embedding has 4096",
+        ),
+        # Generation and evaluation.
+        Case("gen_no_checkpoint", ("recipe=generate", "checkpoint="), "checkpoint: is required"),
+        Case(
+            "gen_temperature",
+            (*generate, "temperature=-0.5"),
+            "temperature: must be >= 0, got -0.5",
+        ),
+        Case("gen_top_p", (*generate, "top_p=1.5"), "top_p: must be in (0, 1], got 1.5"),
+        Case("gen_top_p_zero", (*generate, "top_p=0"), "top_p: must be in (0, 1], got 0.0"),
+        Case("gen_top_k", (*generate, "top_k=-1"), "top_k: must be >= 0, got -1"),
+        Case(
+            "gen_max_new_tokens",
+            ("recipe=generate", "model=auto", f"checkpoint={ckpt}", "max_new_tokens=256"),
+            "max_new_tokens: must be below model.context_length=256, which holds the prompt too, "
+            "got 256",
+        ),
+        Case(
+            "gen_prompt_and_prompts",
+            (*generate, "prompt=Hi", "prompts={tmp}/good.jsonl"),
+            "prompts: set either prompt or prompts, not both",
+        ),
+        Case("gen_prompts_missing", (*generate, "prompts=/no/p.jsonl"), "prompts: file not found"),
+        Case(
+            "gen_compare_without_prompts",
+            (*generate, "prompt=Hi", "compare_base=true", "adapter={tmp}/narrow_adapter"),
+            "compare_base: needs prompts=FILE: the base's answers go in generations.jsonl",
+        ),
+        Case(
+            "gen_compare_without_base",
+            (*generate, "prompts={tmp}/good.jsonl", "compare_base=true"),
+            "compare_base: needs adapter=DIR (compared with the checkpoint alone) or base=DIR",
+        ),
+        Case(
+            "gen_one_process",
+            (*generate, "prompt=Hi", "nproc_per_node=2"),
+            "nproc_per_node: Key 'nproc_per_node' not in 'GenerateParams'",
+        ),
+        Case(
+            "eval_without_data",
+            ("recipe=eval", "dataset=alpaca"),
+            "dataset.path: is required (a .json, .jsonl, .csv or .parquet file)",
+        ),
+        Case(
+            "gen_no_prompt",
+            generate,
+            "prompt: nothing to answer: set prompt=TEXT or prompts=FILE, pipe messages to stdin "
+            "(one a line), or run on a terminal to chat",
+        ),
+        reads(
+            "gen_prompts_row",
+            (*generate, "prompts={tmp}/bad_json.jsonl"),
+            "bad_json.jsonl:2: invalid JSON",
+        ),
+        reads(
+            "gen_prompts_chat_answered",
+            (*generate, "template=chat", "prompts={tmp}/answered_chat.jsonl"),
+            "answered_chat.jsonl:1: messages: the last message must be the user's, for the model "
+            "to answer",
+        ),
+        reads(
+            "gen_prompt_too_long",
+            (*generate, "max_new_tokens=250", "prompt=Say hi."),
+            "prompt: 51 prompt tokens + max_new_tokens=250 exceed the model's context length of "
+            "256; lower max_new_tokens or shorten it",
+        ),
+        reads(
+            "gen_adapter_of_another_base",
+            (*generate, "prompt=Hi", "adapter={tmp}/narrow_adapter"),
+            "narrow_adapter/adapter_model.safetensors: base_model.model.model.layers.0.self_attn."
+            "q_proj.lora_A.weight has shape (4, 32), expected (4, 64) (the adapter's base model: "
+            "/models/narrow)",
+        ),
+        reads(
+            "eval_adapter_of_another_base",
+            ("recipe=eval", *run, *good, "adapter={tmp}/narrow_adapter"),
+            "has shape (4, 32), expected (4, 64) (the adapter's base model: /models/narrow)",
         ),
         # The output directory, checked before anything is read.
         Case(

@@ -42,7 +42,10 @@ TYPING_MISTAKES = [
         "a checkpoint goes in checkpoint=/ckpt/llama",
     ),
     (["lr=abc", "--help"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
-    (["recipe=nosuch", "--help"], "recipe=nosuch: no such option; available: full, lora"),
+    (
+        ["recipe=nosuch", "--help"],
+        "recipe=nosuch: no such option; available: eval, full, generate, lora",
+    ),
 ]
 
 
@@ -87,7 +90,9 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
     assert result.returncode == 0
     out = result.stdout
     assert re.search(r"\n  model +auto, llama2, llama2_13b, llama2_70b, tiny\*\n", out)
-    assert re.search(r"\n  recipe +full\*, lora\n", out)
+    assert re.search(r"\n  recipe +eval, full\*, generate, lora\n", out)
+    # The default dataset is the default recipe's (recipes that read data pick it).
+    assert re.search(r"\n  dataset +alpaca, chat, sample\*\n", out)
     for field in ["lr ", "batch_size", "model.n_kv_heads", "dataset.column_map", "dtype"]:
         assert f"  {field}" in out
     assert "peak learning rate" in out and "(fp32|bf16)" in out
@@ -108,7 +113,15 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "flags", [["--help"], ["--cfg", "job"], ["--info"], ["--cfg", "job", "recipe=lora"]]
+    "flags",
+    [
+        ["--help"],
+        ["--cfg", "job"],
+        ["--info"],
+        ["--cfg", "job", "recipe=lora"],
+        ["--help", "recipe=generate"],
+        ["--cfg", "job", "recipe=eval"],
+    ],
 )
 def test_cli_answers_without_importing_torch(flags: list[str], tmp_path: Path) -> None:
     code = (

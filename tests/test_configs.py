@@ -7,14 +7,23 @@ option `hydra/launcher=parallel`), so a new YAML file is tested without touching
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
 import pytest
 from hydra.utils import get_class
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import RECIPES, FullFinetuneParams, ModelConfig, build_params, recipe_of
+from finetune.config import (
+    RECIPES,
+    EvalParams,
+    FullFinetuneParams,
+    GenerateParams,
+    ModelConfig,
+    build_params,
+    recipe_of,
+)
 from finetune.errors import ConfigError
 from tests.conftest import (
     CONF_DIR,
@@ -66,14 +75,28 @@ def runnable_overrides(group: str, option: str, small_checkpoint: Path, out: Pat
     tiny = compose_config([])
     if cfg.model != tiny.model:
         overrides += [*model_overrides(SMALL_MODEL), f"checkpoint={small_checkpoint}"]
-    if not cfg.dataset.path:
+    if OmegaConf.select(cfg, "dataset.path") == "":
         overrides.append(f"dataset.path={SAMPLE_DATA}")
-    return [*overrides, "max_steps=2", "batch_size=2", "max_seq_len=128"]
+    return [*overrides, *SHORT_RUNS.get(recipe_name(cfg), SHORT_TRAINING)]
+
+
+SHORT_TRAINING = ["max_steps=2", "batch_size=2", "max_seq_len=128"]
+# Recipes that do not train: a few tokens; an evaluation of 1 % of the examples (at most 32).
+SHORT_RUNS = {
+    "generate": ["prompt=Name a module.", "max_new_tokens=4"],
+    "eval": ["batch_size=8", "max_seq_len=128", "dataset.val_split=0.01"],
+}
+
+
+def recipe_name(cfg: DictConfig) -> str:
+    """The recipe a composed config runs, told by its schema."""
+    return next(name for name, r in RECIPES.items() if r.params is OmegaConf.get_type(cfg))
 
 
 def test_every_group_has_options() -> None:
     groups = {group for group, _ in config_options()}
     assert {"recipe", "model", "dataset", "hydra/launcher"} <= groups
+    assert {"full", "lora", "generate", "eval"} <= {o for g, o in config_options() if g == "recipe"}
     assert {"tiny", "llama2", "llama2_13b", "llama2_70b"} <= {
         option for group, option in config_options() if group == "model"
     }
@@ -119,7 +142,15 @@ def test_every_config_option_trains_two_steps(
     params = build_params(
         compose_config(runnable_overrides(group, option, small_checkpoint, tmp_path))
     )
-    final_loss = recipe_of(params).run(params)
+    result = recipe_of(params).run(params)
+    if isinstance(params, GenerateParams):  # the length of the answer, in tokens
+        assert 1 <= result <= 4
+        return
+    if isinstance(params, EvalParams):
+        written = json.loads((tmp_path / "eval.json").read_text())
+        assert written["loss"] == result and 0 < written["examples"] <= 32
+        return
+    final_loss = result
     assert math.isfinite(final_loss) and final_loss > 0
     rows = metrics_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]

@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from finetune import sweep
 from finetune.config import (
     RECIPES,
+    CheckpointParams,
     FullFinetuneParams,
     build_params,
     config_dir,
@@ -51,7 +52,8 @@ def _task(cfg: DictConfig) -> float:
         return not_run_job()
     try:
         params = build_params(cfg)
-        if multirun and is_resuming_sweep(params.resume):
+        # Generation and evaluation have nothing to resume.
+        if multirun and is_resuming_sweep(getattr(params, "resume", "")):
             earlier = sweep.earlier_outcome(Path(params.output_dir))
             if earlier is not None and earlier["status"] == "completed":
                 log.info("job %s completed in an earlier attempt: kept", HydraConfig.get().job.num)
@@ -78,8 +80,15 @@ def _task(cfg: DictConfig) -> float:
         raise
 
 
-def run(params: FullFinetuneParams) -> float:
-    """Train in this process, or in the nproc_per_node x nnodes processes of launch.py."""
+def run(params: CheckpointParams) -> float:
+    """Train in this process, or in the nproc_per_node x nnodes processes of launch.py;
+    generation and evaluation run in this process."""
+    if not isinstance(params, FullFinetuneParams):
+        if under_torchrun():
+            raise UserError(
+                f"recipe={recipe_of(params).name} runs on one process: start it without torchrun"
+            )
+        return recipe_of(params).run(params)
     if params.nproc_per_node * params.nnodes == 1 and not under_torchrun():
         return recipe_of(params).run(params)
     from finetune import launch  # torch.distributed: only for runs over several processes
@@ -278,10 +287,16 @@ def _composed_values(overrides: list[str]) -> dict[str, str]:
 
 def _primary_defaults() -> dict[str, str]:
     """Each group's default option as conf/config.yaml writes it (interpolations unresolved)."""
-    primary = OmegaConf.to_container(OmegaConf.load(config_dir() / "config.yaml").defaults)
+    primary = _group_defaults(config_dir() / "config.yaml")
+    # The recipes that read data pick the default dataset in their own file.
+    return {**_group_defaults(config_dir() / "recipe" / f"{primary['recipe']}.yaml"), **primary}
+
+
+def _group_defaults(path: Path) -> dict[str, str]:
+    defaults = OmegaConf.to_container(OmegaConf.load(path).defaults)
     return {
-        k.removeprefix("optional "): v
-        for entry in primary
+        k.removeprefix("optional ").removeprefix("/"): v
+        for entry in defaults
         if isinstance(entry, dict)
         for k, v in entry.items()
     }

@@ -35,17 +35,22 @@ class Message:
     content: str
 
 
-def read_conversations(path: Path, messages_field: str) -> list[list[Message]]:
-    """The conversations of a .json, .jsonl or .parquet file, each checked for its turn order."""
+def read_conversations(
+    path: Path, messages_field: str, to_answer: bool = False
+) -> list[list[Message]]:
+    """The conversations of a .json, .jsonl or .parquet file, each checked for its turn order:
+    to train on (with an assistant message), or `to_answer` (ending with the user's message)."""
     if path.suffix == ".csv":
         raise UserError(f"{path}: a CSV file holds Alpaca records only, not chat conversations")
-    conversations = [_conversation(where, row, messages_field) for where, row in read_rows(path)]
+    conversations = [
+        _conversation(where, row, messages_field, to_answer) for where, row in read_rows(path)
+    ]
     if not conversations:
         raise UserError(f"{path}: no records")
     return conversations
 
 
-def _conversation(where: str, row: dict, messages_field: str) -> list[Message]:
+def _conversation(where: str, row: dict, messages_field: str, to_answer: bool) -> list[Message]:
     field = messages_field
     raw = field_value(row, field, ABSENT)
     if raw is ABSENT and SHAREGPT_FIELD in row:
@@ -62,7 +67,7 @@ def _conversation(where: str, row: dict, messages_field: str) -> list[Message]:
     if not raw:
         raise UserError(f"{where}: field {field!r} is an empty conversation")
     messages = [_message(f"{where}: {field}[{i}]", message) for i, message in enumerate(raw)]
-    _check_turn_order(f"{where}: {field}", messages)
+    _check_turn_order(f"{where}: {field}", messages, to_answer)
     return messages
 
 
@@ -93,8 +98,9 @@ def _message(where: str, raw: object) -> Message:
     return Message(roles[role], content)
 
 
-def _check_turn_order(where: str, messages: list[Message]) -> None:
-    """An optional system message, then user and assistant in turn, at least one of each."""
+def _check_turn_order(where: str, messages: list[Message], to_answer: bool) -> None:
+    """An optional system message, then user and assistant in turn: at least one of each, or
+    (`to_answer`) ending with the user."""
     first_turn = 1 if messages[0].role == "system" else 0
     for index in range(first_turn, len(messages)):
         expected = "user" if (index - first_turn) % 2 == 0 else "assistant"
@@ -104,7 +110,12 @@ def _check_turn_order(where: str, messages: list[Message]) -> None:
                 f"{messages[index].role}; after an optional system message, the user and the "
                 "assistant must take turns"
             )
-    if len(messages) - first_turn < 2:
+    if to_answer:
+        if messages[-1].role != "user":
+            raise UserError(
+                f"{where}: the last message must be the user's, for the model to answer"
+            )
+    elif len(messages) - first_turn < 2:
         raise UserError(f"{where}: no assistant message to train on")
 
 

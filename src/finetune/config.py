@@ -199,20 +199,57 @@ class DatasetConfig:
 
 
 @dataclass
-class FullFinetuneParams:
-    """Full fine-tuning: every weight of the model is trained."""
+class CheckpointParams:
+    """What every recipe loads and where it writes: a checkpoint and its tokenizer, in a dtype on
+    a device, seeded, and the run directory. Each recipe's params extend it."""
 
     model: ModelConfig = option(
         doc="architecture; unset fields are the checkpoint's", factory=ModelConfig
     )
-    dataset: DatasetConfig = option(doc="training data", factory=DatasetConfig)
     checkpoint: str = option(
         "", "model directory: Hugging Face (safetensors or .bin) or Meta (consolidated.NN.pth)"
     )
     tokenizer: str = option(
         "", "tokenizer.model (SentencePiece) or tokenizer.json; defaults to the checkpoint's"
     )
-    output_dir: str = option("", "where metrics, plots and the model go; Hydra's run directory")
+    output_dir: str = option("", "where the run writes its files; Hydra's run directory")
+    dtype: DType = option(
+        DType.fp32,
+        "fp32, or bf16: training and eval autocast over fp32 weights, generate holds bf16 ones",
+    )
+    seed: int = option(0, "seeds weights, shuffling and everything random", ge=0, lt=2**32)
+    device: Device = option(Device.auto, "auto picks cuda when present, else cpu")
+
+    def _absolute_paths(self) -> None:
+        self.checkpoint = absolute_path(self.checkpoint)
+        self.tokenizer = absolute_path(self.tokenizer)
+        self.output_dir = absolute_path(self.output_dir)
+
+    def _require_output_dir(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir", "is required")
+
+    def _resolve_model(self, max_seq_len: int, extend_context: bool = False) -> None:
+        """The checkpoint directory checked and its architecture read into `model`."""
+        require_dir(self.checkpoint, "checkpoint")
+        self.model = resolve_architecture(
+            self.model,
+            Path(self.checkpoint),
+            max_seq_len=max_seq_len,
+            extend_context=extend_context,
+        )
+
+    def _resolve_tokenizer(self) -> None:
+        if not self.tokenizer:
+            self.tokenizer = str(_checkpoint_tokenizer(Path(self.checkpoint)))
+        require_file(self.tokenizer, "tokenizer", suffixes=TOKENIZER_SUFFIXES)
+
+
+@dataclass
+class FullFinetuneParams(CheckpointParams):
+    """Full fine-tuning: every weight of the model is trained."""
+
+    dataset: DatasetConfig = option(doc="training data", factory=DatasetConfig)
     lr: float = option(2e-5, "peak learning rate, reached after the warmup", gt=0)
     warmup_steps: int = option(0, "optimizer steps of linear warmup before the cosine decay", ge=0)
     weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only", ge=0)
@@ -225,9 +262,6 @@ class FullFinetuneParams:
     pad_to_multiple_of: int = option(
         1, "round each batch's length up to a multiple of this (64 helps bf16 on the CPU)", ge=1
     )
-    dtype: DType = option(DType.fp32, "fp32, or bf16 autocast over fp32 master weights")
-    seed: int = option(0, "seeds weights, shuffling and everything random", ge=0, lt=2**32)
-    device: Device = option(Device.auto, "auto picks cuda when present, else cpu")
     shuffle: bool = option(True, "shuffle the data every epoch (seeded); false keeps file order")
     log_every_n_steps: int = option(
         1, "optimizer steps between progress lines and metrics rows", ge=1
@@ -286,9 +320,7 @@ class FullFinetuneParams:
     )
 
     def __post_init__(self) -> None:
-        self.checkpoint = absolute_path(self.checkpoint)
-        self.tokenizer = absolute_path(self.tokenizer)
-        self.output_dir = absolute_path(self.output_dir)
+        self._absolute_paths()
         if self.resume.lower() not in RESUME_WORDS:
             self.resume = absolute_path(self.resume)
         check_bounds(self)
@@ -307,27 +339,22 @@ class FullFinetuneParams:
                 "needs the prompts left out of the loss, which tells them from the answers; "
                 "set dataset.train_on_input=false or sample_prompts=0",
             )
-        if not self.output_dir:
-            raise ConfigError("output_dir", "is required")
+        self._require_output_dir()
         # Required fields of nested parts are checked here: OmegaConf builds a nested dataclass
         # with its defaults when it reads the schema, so its own __post_init__ must accept them.
         require_file(self.dataset.path, "dataset.path", suffixes=DATASET_SUFFIXES)
-        require_dir(self.checkpoint, "checkpoint")
-        self.model = resolve_architecture(
-            self.model,
-            Path(self.checkpoint),
-            max_seq_len=self.max_seq_len,
-            extend_context=self.extend_context,
-        )
-        require(
-            self.max_seq_len <= self.model.context_length,
-            "max_seq_len",
-            f"must be <= model.context_length={self.model.context_length}",
-            self.max_seq_len,
-        )
-        if not self.tokenizer:
-            self.tokenizer = str(_checkpoint_tokenizer(Path(self.checkpoint)))
-        require_file(self.tokenizer, "tokenizer", suffixes=TOKENIZER_SUFFIXES)
+        self._resolve_model(self.max_seq_len, self.extend_context)
+        _require_within_context(self.max_seq_len, "max_seq_len", self.model)
+        self._resolve_tokenizer()
+
+
+def _require_within_context(n_tokens: int, key: str, model: ModelConfig) -> None:
+    require(
+        n_tokens <= model.context_length,
+        key,
+        f"must be <= model.context_length={model.context_length}",
+        n_tokens,
+    )
 
 
 # The values of `resume` that are not a path.
@@ -432,6 +459,119 @@ class LoraFinetuneParams(FullFinetuneParams):
         )
 
 
+@dataclass
+class InferenceParams(CheckpointParams):
+    """A trained model put to use, on one process: a checkpoint, with a LoRA adapter or without."""
+
+    adapter: str = option(
+        "", "a LoRA adapter directory (PEFT layout) to apply, unmerged, on the checkpoint"
+    )
+
+    def _resolve_adapter(self) -> None:
+        self.adapter = absolute_path(self.adapter)
+        if self.adapter:
+            require_dir(self.adapter, "adapter")
+
+
+# The prompt formats of `recipe=generate`: auto is chat for a model saved from chat data (its
+# tokenizer_config.json carries finetune's chat template), else alpaca; none is the raw text.
+TEMPLATES = ("auto", "alpaca", "chat", "none")
+
+
+@dataclass
+class GenerateParams(InferenceParams):
+    """Generation: answers to a prompt, a file of prompts, or a conversation on the terminal."""
+
+    prompt: str = option("", "answer this one prompt, streamed to stdout")
+    prompts: str = option(
+        "",
+        "a .json, .jsonl, .csv or .parquet file of prompts (Alpaca records, or chat messages "
+        "ending with the user's); the answers go to generations.jsonl",
+    )
+    template: str = option(
+        "auto",
+        "the prompt format: alpaca, chat (Llama-2), none (raw text); auto: chat for a model "
+        "trained on chat data, else alpaca",
+        choices=TEMPLATES,
+    )
+    max_new_tokens: int = option(256, "stop an answer after this many tokens (or at EOS)", ge=1)
+    temperature: float = option(0.0, "sampling temperature; 0 is greedy", ge=0)
+    top_k: int = option(0, "sample among the k most likely tokens; 0 keeps every token", ge=0)
+    top_p: float = option(
+        1.0, "sample from the smallest set of tokens whose probability reaches it"
+    )
+    compare_base: bool = option(
+        False, "prompts=: also answer with the base model, as base_response in generations.jsonl"
+    )
+    base: str = option(
+        "", "the base model for compare_base; default: the checkpoint without the adapter"
+    )
+
+    def __post_init__(self) -> None:
+        self._absolute_paths()
+        self._resolve_adapter()
+        self.prompts, self.base = absolute_path(self.prompts), absolute_path(self.base)
+        check_bounds(self)
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        if self.prompt and self.prompts:
+            raise ConfigError("prompts", "set either prompt or prompts, not both")
+        self._check_comparison()
+        self._require_output_dir()
+        if self.prompts:
+            require_file(self.prompts, "prompts", suffixes=DATASET_SUFFIXES)
+        self._resolve_model(self.max_new_tokens)
+        context = self.model.context_length
+        require(
+            self.max_new_tokens < context,
+            "max_new_tokens",
+            f"must be below model.context_length={context}, which holds the prompt too",
+            self.max_new_tokens,
+        )
+        self._resolve_tokenizer()
+
+    def _check_comparison(self) -> None:
+        if self.base and not self.compare_base:
+            raise ConfigError("base", "is the model compare_base=true compares with; set both")
+        if not self.compare_base:
+            return
+        if not self.prompts:
+            raise ConfigError(
+                "compare_base", "needs prompts=FILE: the base's answers go in generations.jsonl"
+            )
+        if not (self.adapter or self.base):
+            raise ConfigError(
+                "compare_base",
+                "needs adapter=DIR (compared with the checkpoint alone) or base=DIR",
+            )
+        if self.base:
+            require_dir(self.base, "base")
+
+
+@dataclass
+class EvalParams(InferenceParams):
+    """Evaluation: the loss and perplexity of a model on a dataset, as training's validation."""
+
+    dataset: DatasetConfig = option(
+        doc="the data: its validation part when val_path or val_split is set, else all of path",
+        factory=DatasetConfig,
+    )
+    max_seq_len: int = option(512, "truncate longer sequences, as the training run did", ge=2)
+    batch_size: int = option(4, "sequences per batch (the loss does not depend on it)", ge=1)
+    pad_to_multiple_of: int = option(
+        1, "round each batch's length up to a multiple of this (64 helps bf16 on the CPU)", ge=1
+    )
+
+    def __post_init__(self) -> None:
+        self._absolute_paths()
+        self._resolve_adapter()
+        check_bounds(self)
+        self._require_output_dir()
+        require_file(self.dataset.path, "dataset.path", suffixes=DATASET_SUFFIXES)
+        self._resolve_model(self.max_seq_len)
+        _require_within_context(self.max_seq_len, "max_seq_len", self.model)
+        self._resolve_tokenizer()
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A `recipe=<name>` option: the dataclass of its params, and `finetune.recipes.<name>`,
@@ -448,7 +588,12 @@ class Recipe:
 # Every recipe, by the name of its `conf/recipe/` option.
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
-    for recipe in (Recipe("full", FullFinetuneParams), Recipe("lora", LoraFinetuneParams))
+    for recipe in (
+        Recipe("full", FullFinetuneParams),
+        Recipe("lora", LoraFinetuneParams),
+        Recipe("generate", GenerateParams),
+        Recipe("eval", EvalParams),
+    )
 }
 
 

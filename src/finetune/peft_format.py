@@ -130,13 +130,21 @@ def load_adapter(model: Llama, adapter_dir: Path) -> None:
             local_part(param).copy_(tensors[key][shard_rows(param)])
 
 
-def _check_adapter_config(path: Path, module: LoRALinear, model: Llama) -> None:
+def read_adapter_config(path: Path) -> dict:
+    """An adapter_config.json as read; a missing or unreadable one is a `UserError`."""
     if not path.is_file():
         raise UserError(f"{path}: not found (expected a PEFT LoRA adapter directory)")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _check_adapter_config(path: Path, module: LoRALinear, model: Llama) -> None:
+    config = read_adapter_config(path)
     expected = {
         "peft_type": "LORA",
         "r": module.rank,

@@ -18,7 +18,7 @@ import torch
 from finetune import ranks
 from finetune.chat_format import LLAMA2_CHAT_TEMPLATE
 from finetune.checkpoint import load_checkpoint, load_sharded_weights, output_dtype
-from finetune.config import Device, DType, FullFinetuneParams, OutputFormat
+from finetune.config import CheckpointParams, Device, DType, FullFinetuneParams, OutputFormat
 from finetune.data import ALPACA_CHAT_TEMPLATE, Example, load_dataset, split_examples
 from finetune.distributed import local_device, shard_model
 from finetune.errors import UserError
@@ -47,22 +47,30 @@ def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list
     check_resume_before_loading(params.resume, Path(params.output_dir))
     seed_everything(params.seed)
     device = resolve_device(params.device)
-    tokenizer = Tokenizer(Path(params.tokenizer))
-    if not params.model.vocab_size:  # Meta's params.json leaves it to the tokenizer
-        params.model = dataclasses.replace(params.model, vocab_size=tokenizer.vocab_size)
-    tokenizer.check_vocab(params.model.vocab_size)
+    tokenizer = load_tokenizer(params)
     examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
     return device, tokenizer, examples
 
 
+def load_tokenizer(params: CheckpointParams) -> Tokenizer:
+    """`params.tokenizer`, which must fit the model's embedding (and gives Meta's checkpoints,
+    whose params.json leaves the vocabulary to it, their vocab_size)."""
+    tokenizer = Tokenizer(Path(params.tokenizer))
+    if not params.model.vocab_size:
+        params.model = dataclasses.replace(params.model, vocab_size=tokenizer.vocab_size)
+    tokenizer.check_vocab(params.model.vocab_size)
+    return tokenizer
+
+
 def load_model(
-    params: FullFinetuneParams,
+    params: CheckpointParams,
     device: torch.device,
     dtype: torch.dtype,
     adapt: Callable[[Llama], None] | None = None,
 ) -> Llama:
     """The model to train: `params.checkpoint` in `dtype`, changed by the recipe's `adapt` (e.g.
-    adapters added), then prepared (activation checkpointing, compile).
+    adapters added), then prepared (activation checkpointing, compile). Generation and
+    evaluation load it the same way on one process, with nothing to prepare: no backward pass.
 
     On one process the checkpoint is loaded whole. On several, the model is built on the meta
     device, adapted, prepared and sharded (distributed.shard_model), and only then does each
@@ -72,8 +80,10 @@ def load_model(
         model = load_checkpoint(params.model, Path(params.checkpoint), device, dtype)
         if adapt:
             adapt(model)
-        prepare_model(model, params)
+        if isinstance(params, FullFinetuneParams):
+            prepare_model(model, params)
         return model
+    assert isinstance(params, FullFinetuneParams)  # only training runs on several processes
     with torch.device("meta"):
         model = Llama(params.model).to(dtype)
     if adapt:
