@@ -32,7 +32,7 @@ from finetune.config import (
     recipe_of,
 )
 from finetune.config import register_schemas as _register_schemas
-from finetune.errors import UserError
+from finetune.errors import RunFailed, UserError
 from finetune.fields import field_help
 from finetune.overrides import command_line, split_flags
 
@@ -73,6 +73,9 @@ def _task(cfg: DictConfig) -> float:
         # A single run ends here, before Hydra adds its own lines.
         if isinstance(error, _USER_ERRORS):
             exit_with(error)
+        if isinstance(error, RunFailed) and not _SHOW_TRACEBACK:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
         if lost_another_rank(error):
             raise SystemExit(1) from None
         raise

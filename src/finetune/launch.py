@@ -40,7 +40,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from finetune import distributed, interrupts, ranks, sweep
 from finetune.config import RECIPES, recipe_of
-from finetune.errors import UserError
+from finetune.errors import RunFailed, UserError
 
 SHARED_DIR_ENV = "FINETUNE_LAUNCH"
 PAYLOAD_FILE = "payload.json"
@@ -216,13 +216,22 @@ def quiet_elastic_logs() -> Iterator[None]:
 def worker_error(shared: Path, failure: ChildFailedError) -> Exception:
     """The error of the worker that failed first, as this process would have raised it."""
     recorded = sorted(shared.glob(f"{interrupts.FAILED_PREFIX}*"))
-    if not recorded:  # killed without a word (out of memory?)
+    if not recorded:  # killed without a word
         rank, first = failure.get_first_failure()
-        return RuntimeError(f"rank {rank} ended with exit code {first.exitcode}")
+        return RunFailed(f"rank {rank} {ended_how(first.exitcode)}")
     error = json.loads(recorded[0].read_text())
     if error["user_error"]:
         return UserError(error["message"])
-    return RuntimeError(f"rank {error['rank']} failed: {error['message']} (its traceback above)")
+    return RunFailed(f"rank {error['rank']} failed: {error['message']} (its traceback above)")
+
+
+def ended_how(exit_code: int) -> str:
+    """How a worker ended: elastic reports a signal as a negative exit code."""
+    if exit_code >= 0:
+        return f"ended with exit code {exit_code}"
+    name = signal.Signals(-exit_code).name
+    # The kernel's out-of-memory killer sends SIGKILL, and says so only in its own log.
+    return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
 
 
 # ---- One rank of the run: finetune's worker, or a rank of the user's torchrun ----
