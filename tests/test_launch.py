@@ -342,3 +342,24 @@ def test_torchrun_refuses_in_one_line_and_every_rank_ends(
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
     assert not list(tmp_path.glob("outputs/*/*/metrics.jsonl"))
+
+
+def test_a_rank_ends_with_its_status_and_output_but_without_finalization(tmp_path: Path) -> None:
+    """Torch's threads may free Python objects while the interpreter finalizes, which aborts the
+    process: a rank ends before that (no atexit handler runs), its output written."""
+    code = (
+        "import atexit, logging, sys\n"
+        "from finetune import launch\n"
+        "atexit.register(lambda: print('finalized'))\n"
+        "logging.basicConfig(filename=sys.argv[1], level=logging.INFO)\n"
+        "logging.info('logged')\n"
+        "print('printed', end='')\n"
+        "launch.end_process(launch.status_of(lambda: sys.exit(3)))\n"
+    )
+    log_file = tmp_path / "rank.log"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(log_file)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 3
+    assert result.stdout == "printed"
+    assert "logged" in log_file.read_text()

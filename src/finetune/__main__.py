@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -146,6 +147,17 @@ def failed_job(error: Exception) -> sweep.JobFailure:
 
 
 def main() -> None:
+    if not under_torchrun():
+        run_command_line(_task)
+        return
+    from finetune import launch
+
+    launch.end_process(launch.status_of(lambda: run_command_line(as_torchrun_rank)))
+
+
+def run_command_line(task: Callable[[], object]) -> None:
+    """Read the command line and run `task` (Hydra's) on it, or answer --help; bad input ends
+    here with its one line."""
     try:
         sys.argv[1:] = command_line(sys.argv[1:], group_options())
         if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
@@ -153,10 +165,7 @@ def main() -> None:
             return
         # Let Hydra raise instead of printing its own report, so bad input gets a single line.
         os.environ["HYDRA_FULL_ERROR"] = "1"
-        if under_torchrun():
-            as_torchrun_rank()
-        else:
-            _task()
+        task()
     except _USER_ERRORS as error:
         exit_with(error)
     except OSError as error:

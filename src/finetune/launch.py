@@ -22,10 +22,10 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 from hydra.conf import HydraConf
@@ -242,7 +242,7 @@ def worker_main() -> None:
     shared = Path(os.environ[SHARED_DIR_ENV])
     os.environ[interrupts.FAILURES_ENV] = str(shared)
     (shared / f"{PID_PREFIX}{os.environ['RANK']}").write_text(str(os.getpid()))
-    sys.exit(work(Payload(**json.loads((shared / PAYLOAD_FILE).read_text())), shared))
+    end_process(work(Payload(**json.loads((shared / PAYLOAD_FILE).read_text())), shared))
 
 
 def follow_rank_zero() -> None:
@@ -361,6 +361,33 @@ def send_payload(payload: Payload) -> None:
     distributed.init_process_group()
     shared_payload(payload)
     _others_wait_for_payload = False
+
+
+def status_of(main: Callable[[], None]) -> int:
+    """Run `main` and return the exit status it ends with; a crash's traceback is printed, as
+    the interpreter would print it."""
+    try:
+        main()
+    except BaseException as error:
+        if not isinstance(error, (SystemExit, KeyboardInterrupt)):
+            traceback.print_exception(error)
+        return exit_status(error)
+    return 0
+
+
+def end_process(status: int) -> NoReturn:
+    """End this rank with `status` now, without the interpreter's finalization.
+
+    Gloo's threads outlive destroy_process_group (DTensor's caches keep the default group's
+    backend until the interpreter clears them), and a thread of torch's that frees a tensor with a
+    Python object while the interpreter finalizes aborts the process ("terminate called without
+    an active exception"): a run that finished would now and then end with SIGABRT. Python's
+    multiprocessing ends its child processes the same way, once their output is flushed.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def exit_status(error: BaseException) -> int:
