@@ -5,6 +5,7 @@ its model loads in transformers."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,11 @@ from tests.conftest import (
     logged_losses,
     max_abs_diff,
     metrics_rows,
+    model_overrides,
     random_tokens,
     run_on_two,
     small_params,
+    write_checkpoint,
 )
 
 pytestmark = pytest.mark.slow
@@ -35,6 +38,8 @@ MODEL = "model/model.safetensors"
 LORA = ("recipe=lora", "lora.dropout=0", "lora.use_dora=true")
 # QLoRA shards each NF4 layer in equal parts of whole groups of 64 x 256 weights, one per process:
 # every linear of the blocks here holds a multiple of 2 x 16384 (SMALL_MODEL's hold 4096).
+QLORA_MODEL = dataclasses.replace(SMALL_MODEL, dim=256, ffn_dim=512)
+QLORA = (*LORA, "lora.quantize_base=true", *model_overrides(QLORA_MODEL))
 ADAPTER = "adapter/adapter_model.safetensors"
 
 
@@ -182,3 +187,41 @@ def assert_only_adapters_in(step: Path) -> None:
     saved = dcp.FileSystemReader(step).read_metadata().state_dict_metadata
     weights = [key for key in saved if key.startswith("model.")]
     assert weights and all(".lora_" in key for key in weights)
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    pytest.importorskip("torchao")
+    root = tmp_path_factory.mktemp("qlora")
+    checkpoint = write_checkpoint(root / "base", QLORA_MODEL)
+    return {
+        "base": checkpoint,
+        "one": one_process(checkpoint, root / "one", *QLORA),
+        "two": two_processes(checkpoint, root / "two", *QLORA),
+    }
+
+
+def test_qlora_on_two_processes_trains_as_one(qlora_runs: dict[str, Path]) -> None:
+    """The NF4 base sharded, each process holding its rows of the weight quantized whole: the
+    losses, the DoRA adapters, their checkpoint and the merged model are one process's."""
+    one, two = qlora_runs["one"], qlora_runs["two"]
+    assert_same_losses(two, one)
+    for file in (ADAPTER, MODEL):
+        assert_same_tensors(two / file, one / file)
+    assert_only_adapters_in(two / "checkpoints" / "step_000002")
+
+
+def test_a_qlora_checkpoint_resumes_at_the_other_process_count(
+    qlora_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """2 -> 1, and 1 -> 2 with the shards (the 4-bit base among them) offloaded to the CPU."""
+    base, one, two = qlora_runs["base"], qlora_runs["one"], qlora_runs["two"]
+    step = "checkpoints/step_000002"
+    on_one = one_process(base, tmp_path / "on_one", *QLORA, f"resume={two / step}")
+    on_two = two_processes(
+        base, tmp_path / "on_two", *QLORA, f"resume={one / step}", "cpu_offload=true"
+    )
+    for resumed in (on_one, on_two):
+        assert_same_losses(resumed, one, first_step=3)
+        for file in (ADAPTER, MODEL):
+            assert_same_tensors(resumed / file, one / file)

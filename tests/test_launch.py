@@ -115,9 +115,12 @@ def test_nnodes_2_is_one_run_over_the_launchers_of_both_nodes(
     assert logged_losses(run_dir) == logged_losses(launched)
 
 
-def fail_in_rank_1(tmp_path: Path) -> dict[str, str]:
-    """Environment whose `sitecustomize` makes rank 1's second optimizer step raise a UserError,
-    with a message only that rank can give: a failure that hits one rank only."""
+def fail_in_rank_1(
+    tmp_path: Path, failure: str = "raise errors.UserError('rank 1 cannot go on')"
+) -> dict[str, str]:
+    """Environment whose `sitecustomize` makes rank 1's second optimizer step run `failure` (by
+    default raise a UserError with a message only that rank can give): a failure that hits one
+    rank only."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(
@@ -128,7 +131,7 @@ def fail_in_rank_1(tmp_path: Path) -> dict[str, str]:
         "    def train_step(*args, **kwargs):\n"
         "        calls.append(1)\n"
         "        if len(calls) == 2:\n"
-        "            raise errors.UserError('rank 1 cannot go on')\n"
+        f"            {failure}\n"
         "        return real_step(*args, **kwargs)\n"
         "    training.train_step = train_step\n"
     )
@@ -149,6 +152,19 @@ def test_a_rank_that_fails_ends_the_run_with_its_one_line_error(
     said = [line for line in result.stderr.splitlines() if not line.startswith("[rank 1] WARN")]
     assert said == ["error: rank 1 cannot go on"]
     assert not (run_dir / "model").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_by_a_signal_ends_the_run_in_one_line(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    """No traceback of the launcher, which only saw the worker go: it names the rank and signal."""
+    env = fail_in_rank_1(tmp_path, failure="os.kill(os.getpid(), 9)")
+    result = run_on_two(small_checkpoint, tmp_path, f"hydra.run.dir={tmp_path / 'run'}", env=env)
+
+    assert result.returncode == 1, result.stderr
+    said = [line for line in result.stderr.splitlines() if not line.startswith("[rank 1] WARN")]
+    assert said == ["error: rank 1 was killed by SIGKILL (out of memory?)"]
 
 
 @pytest.mark.slow
@@ -326,3 +342,24 @@ def test_torchrun_refuses_in_one_line_and_every_rank_ends(
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
     assert not list(tmp_path.glob("outputs/*/*/metrics.jsonl"))
+
+
+def test_a_rank_ends_with_its_status_and_output_but_without_finalization(tmp_path: Path) -> None:
+    """Torch's threads may free Python objects while the interpreter finalizes, which aborts the
+    process: a rank ends before that (no atexit handler runs), its output written."""
+    code = (
+        "import atexit, logging, sys\n"
+        "from finetune import launch\n"
+        "atexit.register(lambda: print('finalized'))\n"
+        "logging.basicConfig(filename=sys.argv[1], level=logging.INFO)\n"
+        "logging.info('logged')\n"
+        "print('printed', end='')\n"
+        "launch.end_process(launch.status_of(lambda: sys.exit(3)))\n"
+    )
+    log_file = tmp_path / "rank.log"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(log_file)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 3
+    assert result.stdout == "printed"
+    assert "logged" in log_file.read_text()

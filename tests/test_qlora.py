@@ -27,7 +27,12 @@ from finetune.peft_format import (
     load_adapter,
     save_adapter,
 )
-from finetune.qlora import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, NF4Linear
+from finetune.qlora import (
+    NF4_BLOCK_SIZE,
+    NF4_SCALER_BLOCK_SIZE,
+    NF4Linear,
+    quantize_base_weights,
+)
 from finetune.recipes import lora as lora_recipe
 from tests.conftest import (
     TINY_CHECKPOINT,
@@ -352,3 +357,38 @@ def test_layer_too_small_for_nf4_blocks_is_a_user_error_naming_it() -> None:
         r"not a multiple of 16384",
     ):
         apply_lora(model, lora_config())
+
+
+@needs_torchao
+def test_rows_of_the_weight_quantized_whole_are_its_rows_but_rows_quantized_alone_are_not() -> None:
+    """What a process of a sharded QLoRA run keeps (NF4Linear.load_weight): torchao's split of
+    the whole weight's NF4Tensor, FSDP2's split along dim 0, dequantizes to the rows of the whole
+    one's. Rows quantized on their own differ: the double quantization subtracts the mean of the
+    whole tensor's block scales."""
+    from torchao.quantization import to_nf4
+
+    weight = small_model(cfg=QLORA_MODEL).layers[0].mlp.up_proj.weight.detach()  # (256, 128)
+    whole = to_nf4(weight, NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+    parts = torch.chunk(whole, 2)  # each one group of 64 x 256 weights
+    expected = torch.chunk(whole.get_original_weight(), 2)
+    for part, rows in zip(parts, expected, strict=True):
+        assert torch.equal(part.get_original_weight(), rows)
+    alone = to_nf4(weight[:128].clone(), NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+    assert (alone.get_original_weight() - expected[0]).abs().max() > 1e-4
+
+
+@needs_torchao
+def test_a_layer_that_does_not_split_evenly_over_the_processes_is_refused_naming_it() -> None:
+    """QLORA_MODEL's q_proj is one group of 16384 weights: whole on one process, not on two."""
+    with torch.device("meta"):  # as a sharded run builds it
+        model = Llama(QLORA_MODEL)
+    quantize_base_weights(model, processes=1)
+    with torch.device("meta"):
+        model = Llama(QLORA_MODEL)
+    with pytest.raises(
+        UserError,
+        match=r"^lora.quantize_base: layers.0.self_attn.q_proj has 16384 weights \(128x128\), "
+        r"which do not split over 2 processes into equal parts of whole rows, each a multiple "
+        r"of 16384 weights .*; run on fewer processes or with lora.quantize_base=false$",
+    ):
+        quantize_base_weights(model, processes=2)

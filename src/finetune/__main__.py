@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from finetune.config import (
     recipe_of,
 )
 from finetune.config import register_schemas as _register_schemas
-from finetune.errors import UserError
+from finetune.errors import RunFailed, UserError
 from finetune.fields import field_help
 from finetune.overrides import command_line, split_flags
 
@@ -75,6 +76,9 @@ def _task(cfg: DictConfig) -> float:
         # A single run ends here, before Hydra adds its own lines.
         if isinstance(error, _USER_ERRORS):
             exit_with(error)
+        if isinstance(error, RunFailed) and not _SHOW_TRACEBACK:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
         if lost_another_rank(error):
             raise SystemExit(1) from None
         raise
@@ -152,6 +156,17 @@ def failed_job(error: Exception) -> sweep.JobFailure:
 
 
 def main() -> None:
+    if not under_torchrun():
+        run_command_line(_task)
+        return
+    from finetune import launch
+
+    launch.end_process(launch.status_of(lambda: run_command_line(as_torchrun_rank)))
+
+
+def run_command_line(task: Callable[[], object]) -> None:
+    """Read the command line and run `task` (Hydra's) on it, or answer --help; bad input ends
+    here with its one line."""
     try:
         sys.argv[1:] = command_line(sys.argv[1:], group_options())
         if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
@@ -159,10 +174,7 @@ def main() -> None:
             return
         # Let Hydra raise instead of printing its own report, so bad input gets a single line.
         os.environ["HYDRA_FULL_ERROR"] = "1"
-        if under_torchrun():
-            as_torchrun_rank()
-        else:
-            _task()
+        task()
     except _USER_ERRORS as error:
         exit_with(error)
     except OSError as error:

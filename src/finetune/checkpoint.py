@@ -36,6 +36,7 @@ from finetune.meta_format import (
     split_dim,
 )
 from finetune.model import Llama
+from finetune.qlora import NF4Linear
 
 # (key as the checkpoint names it, tensor in the run's dtype on its device)
 Weights = Iterator[tuple[str, torch.Tensor]]
@@ -60,12 +61,22 @@ def load_checkpoint(
 def load_sharded_weights(model: Llama, ckpt_dir: Path) -> None:
     """Copy the weights of `ckpt_dir` into `model`, whose parameters are sharded across processes
     (distributed.shard_model): each process reads only the rows of each tensor that it holds,
-    so none ever holds the whole model. An adapted layer's weight goes to its frozen base."""
-    params = {name: _base_parameter(model, name) for name in _plain_names(model.cfg)}
-    rows = {name: shard_rows(param) for name, param in params.items()}
+    so none ever holds the whole model. An adapted layer's weight goes to its frozen base.
+
+    A QLoRA layer's weight is read whole, one at a time, and quantized whole, so that its NF4
+    numbers are one process's (`NF4Linear.load_weight`); the process keeps its rows of it."""
+    modules = {name: _base_module(model, name) for name in _plain_names(model.cfg)}
+    params = {name: getattr(module, name.rpartition(".")[2]) for name, module in modules.items()}
+    rows = {
+        name: ALL if isinstance(modules[name], NF4Linear) else shard_rows(param)
+        for name, param in params.items()
+    }
     dtype = next(iter(params.values())).dtype
     for name, tensor in _checkpoint_weights(model.cfg, Path(ckpt_dir), local_device(), dtype, rows):
-        local_part(params[name]).copy_(tensor)
+        if isinstance(modules[name], NF4Linear):
+            modules[name].load_weight(tensor)
+        else:
+            local_part(params[name]).copy_(tensor)
 
 
 def _plain_names(cfg: ModelConfig) -> list[str]:
@@ -74,11 +85,11 @@ def _plain_names(cfg: ModelConfig) -> list[str]:
         return list(Llama(cfg).state_dict())
 
 
-def _base_parameter(model: Llama, name: str) -> torch.Tensor:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    # A LoRA layer wraps the layer it adapts as `base` (lora.LoRALinear).
-    return getattr(getattr(module, "base", module), leaf)
+def _base_module(model: Llama, name: str) -> torch.nn.Module:
+    """The module that holds parameter `name`: for an adapted layer, the frozen layer it wraps as
+    `base` (lora.LoRALinear)."""
+    module = model.get_submodule(name.rpartition(".")[0])
+    return getattr(module, "base", module)
 
 
 def _checkpoint_weights(

@@ -420,13 +420,6 @@ class LoraConfig:
         check_bounds(self, "lora.")
 
 
-# Sharded loading reads dense rows into each process's shard; the 4-bit base is not sharded yet.
-QLORA_ON_ONE_PROCESS = (
-    "QLoRA runs on one process; set nproc_per_node=1 and nnodes=1, or shard a bf16 base "
-    "(lora.quantize_base=false dtype=bf16) over several"
-)
-
-
 @dataclass
 class LoraFinetuneParams(FullFinetuneParams):
     """LoRA fine-tuning: the base model is frozen; only low-rank adapters train."""
@@ -448,8 +441,6 @@ class LoraFinetuneParams(FullFinetuneParams):
             )
         if self.adapter:
             require_dir(self.adapter, "adapter")
-        if self.lora.quantize_base and self.nproc_per_node * self.nnodes > 1:
-            raise ConfigError("lora.quantize_base", QLORA_ON_ONE_PROCESS)
         # The Meta copy is of the merged model; an adapter has no Meta layout.
         require(
             self.save_merged or self.output_format is not OutputFormat.meta,

@@ -110,6 +110,16 @@ def local_part(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
+def like_sharded(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A tensor of `param`'s global shape, sharded as it is, whose part on this process is
+    `local`: `local` itself when `param` is not sharded."""
+    if not isinstance(param, DTensor):
+        return local
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
+
+
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """`param` whole on every process: an all-gather of a sharded one, so every process must
     call it, in the same order."""

@@ -22,10 +22,10 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 from hydra.conf import HydraConf
@@ -40,7 +40,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from finetune import distributed, interrupts, ranks, sweep
 from finetune.config import RECIPES, recipe_of
-from finetune.errors import UserError
+from finetune.errors import RunFailed, UserError
 
 SHARED_DIR_ENV = "FINETUNE_LAUNCH"
 PAYLOAD_FILE = "payload.json"
@@ -216,13 +216,22 @@ def quiet_elastic_logs() -> Iterator[None]:
 def worker_error(shared: Path, failure: ChildFailedError) -> Exception:
     """The error of the worker that failed first, as this process would have raised it."""
     recorded = sorted(shared.glob(f"{interrupts.FAILED_PREFIX}*"))
-    if not recorded:  # killed without a word (out of memory?)
+    if not recorded:  # killed without a word
         rank, first = failure.get_first_failure()
-        return RuntimeError(f"rank {rank} ended with exit code {first.exitcode}")
+        return RunFailed(f"rank {rank} {ended_how(first.exitcode)}")
     error = json.loads(recorded[0].read_text())
     if error["user_error"]:
         return UserError(error["message"])
-    return RuntimeError(f"rank {error['rank']} failed: {error['message']} (its traceback above)")
+    return RunFailed(f"rank {error['rank']} failed: {error['message']} (its traceback above)")
+
+
+def ended_how(exit_code: int) -> str:
+    """How a worker ended: elastic reports a signal as a negative exit code."""
+    if exit_code >= 0:
+        return f"ended with exit code {exit_code}"
+    name = signal.Signals(-exit_code).name
+    # The kernel's out-of-memory killer sends SIGKILL, and says so only in its own log.
+    return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
 
 
 # ---- One rank of the run: finetune's worker, or a rank of the user's torchrun ----
@@ -233,7 +242,7 @@ def worker_main() -> None:
     shared = Path(os.environ[SHARED_DIR_ENV])
     os.environ[interrupts.FAILURES_ENV] = str(shared)
     (shared / f"{PID_PREFIX}{os.environ['RANK']}").write_text(str(os.getpid()))
-    sys.exit(work(Payload(**json.loads((shared / PAYLOAD_FILE).read_text())), shared))
+    end_process(work(Payload(**json.loads((shared / PAYLOAD_FILE).read_text())), shared))
 
 
 def follow_rank_zero() -> None:
@@ -352,6 +361,33 @@ def send_payload(payload: Payload) -> None:
     distributed.init_process_group()
     shared_payload(payload)
     _others_wait_for_payload = False
+
+
+def status_of(main: Callable[[], None]) -> int:
+    """Run `main` and return the exit status it ends with; a crash's traceback is printed, as
+    the interpreter would print it."""
+    try:
+        main()
+    except BaseException as error:
+        if not isinstance(error, (SystemExit, KeyboardInterrupt)):
+            traceback.print_exception(error)
+        return exit_status(error)
+    return 0
+
+
+def end_process(status: int) -> NoReturn:
+    """End this rank with `status` now, without the interpreter's finalization.
+
+    Gloo's threads outlive destroy_process_group (DTensor's caches keep the default group's
+    backend until the interpreter clears them), and a thread of torch's that frees a tensor with a
+    Python object while the interpreter finalizes aborts the process ("terminate called without
+    an active exception"): a run that finished would now and then end with SIGABRT. Python's
+    multiprocessing ends its child processes the same way, once their output is flushed.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def exit_status(error: BaseException) -> int:

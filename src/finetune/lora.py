@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from finetune import ranks
 from finetune.config import LoraConfig
 from finetune.distributed import local_part, shard_rows
 from finetune.model import Llama
@@ -164,7 +165,7 @@ def apply_lora(model: Llama, cfg: LoraConfig) -> None:
         raise ValueError("lm_head is tied to the embedding: it cannot take an adapter")
     model.requires_grad_(False)
     if cfg.quantize_base:
-        quantize_base_weights(model)
+        quantize_base_weights(model, ranks.world_size())
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, NF4Linear)) and name.rpartition(".")[2] in cfg.targets:
             wrapped = LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_dora)

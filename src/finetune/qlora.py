@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.distributed import like_sharded, local_part
 from finetune.errors import UserError
 from finetune.model import Llama
 
@@ -30,6 +31,10 @@ class NF4Linear(nn.Module):
     `weight` keeps the shape and dtype of the dense weight it replaced; dequantizing gives that
     dtype back. Only one layer's dense weight exists at a time: the forward dequantizes it for its
     matmul and drops it, and the backward dequantizes it again (see `_NF4Matmul`).
+
+    Sharded across processes (distributed.shard_model), `weight` is a DTensor whose local part is
+    this process's rows of the whole weight's NF4Tensor (`load_weight`); FSDP2 gathers the NF4
+    parts, not dense rows, through torchao's `fsdp_pre_all_gather`/`fsdp_post_all_gather`.
     """
 
     bias = None  # as nn.Linear's, for code that checks it
@@ -49,9 +54,36 @@ class NF4Linear(nn.Module):
         return _NF4Matmul.apply(x.to(dtype), self.weight)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense (out, in) weight, in the original dtype unless `dtype` is given."""
-        weight = self.weight.get_original_weight()
+        """The dense (out, in) weight, in the original dtype unless `dtype` is given; sharded as
+        `weight` is, each process dequantizing its own rows."""
+        weight = like_sharded(self.weight, local_part(self.weight).get_original_weight())
         return weight if dtype is None else weight.to(dtype)
+
+    @torch.no_grad()
+    def load_weight(self, dense: torch.Tensor) -> None:
+        """Quantize `dense`, the whole (out, in) weight, and keep this process's rows of it as
+        the sharded `weight` (distributed.shard_model made it a DTensor).
+
+        Quantizing only this process's rows would give other numbers: the double quantization
+        subtracts the mean of the whole tensor's block scales (`scaler_mean`). So every process
+        quantizes the whole weight (one at a time, so only one dense weight is held) and keeps
+        its split, which equals one process's weight cut along the same rows.
+        """
+        quantized = _quantize_tensor(dense, _import_to_nf4())
+        mesh = self.weight.device_mesh
+        # FSDP2's own split (torch.chunk along dim 0), which torchao's NF4Tensor implements for
+        # even splits: whole groups of block scales per process (`check_quantizable`).
+        part = torch.chunk(quantized, mesh.size(), dim=0)[mesh.get_local_rank()]
+        # The part's tensors are views of the whole weight's: a copy lets that be freed.
+        own = part.new_zeros(part.shape)
+        own.copy_(part)
+        own = own.to(local_part(self.weight).device)  # the CPU with cpu_offload
+        sharded = nn.Parameter(like_sharded(self.weight, own), requires_grad=False)
+        # A new parameter, not a copy into the old one: the NF4Tensor built on the meta device and
+        # given memory by to_empty still has its scale mean and code table there (torchao's
+        # empty_like makes only the quantized tensors). Assigned through load_state_dict, whose
+        # hook tells FSDP2 that the parameter changed.
+        self.load_state_dict({"weight": sharded}, assign=True)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, NF4"
@@ -85,9 +117,12 @@ class _NF4Matmul(torch.autograd.Function):
         return grad_out @ weight.get_original_weight().to(grad_out.dtype), None
 
 
-def quantize_base_weights(model: Llama) -> None:
+def quantize_base_weights(model: Llama, processes: int = 1) -> None:
     """Replace every linear layer of the transformer blocks by an `NF4Linear`, in place, one at a
     time so that the dense weight is freed as its NF4 copy takes its place.
+
+    On several `processes` the model is on the meta device and its NF4 layers get their values
+    after sharding (`NF4Linear.load_weight`); each must split evenly across them.
 
     The embedding and lm_head stay dense, as in QLoRA (and transformers' bitsandbytes loading):
     they are a few percent of a Llama's weights, quantization hurts the output layer most, and the
@@ -98,23 +133,36 @@ def quantize_base_weights(model: Llama) -> None:
     # Names, not modules: a list of the modules would keep every dense weight alive to the end.
     names = [n for n, m in model.layers.named_modules(prefix="layers") if isinstance(m, nn.Linear)]
     for name in names:
-        quantized = _quantize(model.get_submodule(name), name, to_nf4)
-        model.set_submodule(name, NF4Linear(quantized))
+        linear = model.get_submodule(name)
+        check_quantizable(name, linear, processes)
+        model.set_submodule(name, NF4Linear(_quantize_tensor(linear.weight.detach(), to_nf4)))
 
 
-def _quantize(linear: nn.Linear, name: str, to_nf4: Callable) -> torch.Tensor:
+# Whole blocks, and whole groups of block scales, are all torchao's NF4 takes.
+NF4_GROUP = NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE
+NF4_GROUPS = f"NF4 blocks of {NF4_BLOCK_SIZE}, their scales in groups of {NF4_SCALER_BLOCK_SIZE}"
+
+
+def check_quantizable(name: str, linear: nn.Linear, processes: int) -> None:
+    """Refuse a layer that NF4 cannot hold, or that cannot be split into equal parts of whole
+    groups of block scales, one per process (torchao splits an NF4Tensor evenly or not at all).
+    Every Llama's sizes are multiples; only toy models' may not be."""
     if linear.bias is not None:
         raise ValueError(f"{name}: NF4Linear supports bias-free linear layers only (as in Llama)")
-    # Whole blocks, and whole groups of block scales, are all torchao's NF4 takes. Every Llama's
-    # sizes are multiples; only toy models' may not be.
-    group = NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE
-    if linear.weight.numel() % group:
+    rows, columns = linear.out_features, linear.in_features
+    size = f"{name} has {rows * columns} weights ({rows}x{columns})"
+    if processes == 1 and (rows * columns) % NF4_GROUP:
+        raise UserError(f"lora.quantize_base: {size}, not a multiple of {NF4_GROUP} ({NF4_GROUPS})")
+    if rows % processes or (rows * columns) % (NF4_GROUP * processes):
         raise UserError(
-            f"lora.quantize_base: {name} has {linear.weight.numel()} weights "
-            f"({linear.out_features}x{linear.in_features}), not a multiple of {group} "
-            f"(NF4 blocks of {NF4_BLOCK_SIZE}, their scales in groups of {NF4_SCALER_BLOCK_SIZE})"
+            f"lora.quantize_base: {size}, which do not split over {processes} processes into "
+            f"equal parts of whole rows, each a multiple of {NF4_GROUP} weights ({NF4_GROUPS}); "
+            "run on fewer processes or with lora.quantize_base=false"
         )
-    return to_nf4(linear.weight.detach(), NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+
+
+def _quantize_tensor(weight: torch.Tensor, to_nf4: Callable) -> torch.Tensor:
+    return to_nf4(weight, NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
 
 
 def _import_to_nf4() -> Callable:

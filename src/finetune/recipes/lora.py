@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from finetune import ranks
-from finetune.config import QLORA_ON_ONE_PROCESS, DType, LoraFinetuneParams
-from finetune.errors import UserError
+from finetune.config import DType, LoraFinetuneParams
 from finetune.lora import apply_lora, merge_lora
 from finetune.metrics import plot_metrics
 from finetune.model import Llama
@@ -37,8 +36,6 @@ def memory_tips(params: LoraFinetuneParams) -> list[str]:
 def run(params: LoraFinetuneParams) -> float:
     """Train adapters on `params.checkpoint`; returns the final validation loss (the training
     loss when there is no validation data)."""
-    if params.lora.quantize_base and ranks.world_size() > 1:  # started by the user's torchrun
-        raise UserError(f"lora.quantize_base: {QLORA_ON_ONE_PROCESS}")
     device, tokenizer, examples = start_run(params)
     # The frozen base needs no fp32 master copy: bf16 runs keep it in bf16, which halves its
     # memory and feeds the bf16 matmuls directly. The adapters and their AdamW state stay fp32.
