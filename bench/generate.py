@@ -103,6 +103,8 @@ def load_both(
 
     ours = load_checkpoint(cfg, ckpt, torch.device("cpu"), dtype).eval()
     theirs = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    # `generate` fills an EOS left unset in its config from the model's own (the checkpoint's).
+    theirs.generation_config.eos_token_id = None
     return ours, theirs
 
 
@@ -125,6 +127,14 @@ def measure(runs: dict[str, Callable[[], Timing]], repeats: int) -> dict[str, li
     return timings
 
 
+def check_lengths(timings: dict[str, list[Timing]], new_tokens: int) -> None:
+    """Every run generated all the tokens asked for: a rate over fewer would not compare."""
+    for name, runs in timings.items():
+        lengths = {len(t.ids) for t in runs}
+        if lengths != {new_tokens}:
+            raise SystemExit(f"{name} generated {sorted(lengths)} tokens, not {new_tokens}")
+
+
 def medians(timings: list[Timing], prompt_tokens: int) -> tuple[float, float]:
     """Median prefill and decode tokens/s."""
     prefill = statistics.median(prompt_tokens / t.prefill_s for t in timings)
@@ -143,6 +153,7 @@ def bench_model(cfg: ModelConfig, ckpt: Path, dtype: torch.dtype, args: argparse
         },
         args.repeats,
     )
+    check_lengths(timings, args.new_tokens)
     ours_prefill, ours_decode = medians(timings["finetune"], args.prompt_tokens)
     hf_prefill, hf_decode = medians(timings["transformers"], args.prompt_tokens)
     return Row(
