@@ -86,6 +86,32 @@ def test_generating_n_tokens_runs_the_prompt_once_then_one_position_per_token() 
     assert positions_fed == [10] + [1] * 15
 
 
+def test_generation_applies_the_output_layer_to_one_position_per_step() -> None:
+    # The prompt's other positions need no logits: only the next token's are used.
+    model = random_model(SMALL_MODEL)
+    positions_scored: list[int] = []
+    model.lm_head.register_forward_hook(
+        lambda module, args, output: positions_scored.append(args[0].shape[1])
+    )
+    list(generate(model, prompt_for(SMALL_MODEL, length=10), max_new_tokens=4))
+
+    assert positions_scored == [1] * 4
+
+
+def test_last_only_logits_are_the_last_position_of_all_logits() -> None:
+    model = random_model(SMALL_MODEL)
+    tokens = random_tokens((2, 12))
+    with torch.no_grad():
+        every = model(tokens)
+        last = model(tokens, last_only=True)
+        cache = KVCache(SMALL_MODEL, max_len=12, device=CPU, dtype=torch.float32, batch=2)
+        cached_last = model(tokens, cache=cache, last_only=True)
+
+    assert last.shape == cached_last.shape == (2, 1, SMALL_MODEL.vocab_size)
+    assert max_abs_diff(last, every[:, -1:]) <= 1e-5  # a matmul of other rows rounds apart
+    assert max_abs_diff(cached_last, every[:, -1:]) <= 1e-5
+
+
 def test_cache_overflow_is_refused() -> None:
     model = random_model(SMALL_MODEL)
     cache = KVCache(SMALL_MODEL, max_len=4, device=CPU, dtype=torch.float32)

@@ -49,7 +49,7 @@ def generate(
     tokens = prompt.to(weight.device).unsqueeze(0)  # (1, seq): the prompt, then each new token
     for _ in range(max_new_tokens):
         with eval_mode(model):
-            logits = model(tokens, cache=cache)[0, -1]  # (vocab,)
+            logits = model(tokens, cache=cache, last_only=True)[0, -1]  # (vocab,)
         next_id = next_token(logits, temperature, top_k, top_p, generator)
         yield next_id
         if next_id == eos_id:
@@ -71,6 +71,10 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     """The model in eval mode (no LoRA dropout) for one step, then back as it was: between the
     yields of `generate` the caller may train the same model."""
     was_training = model.training
+    if not was_training:
+        # Already in eval mode: spare each step two walks over every module.
+        yield
+        return
     model.eval()
     try:
         yield

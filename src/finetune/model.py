@@ -31,13 +31,13 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(
-    cfg: ModelConfig, seq_len: int, device: torch.device, start: int = 0
+    cfg: ModelConfig, seq_len: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles of positions start .. start + seq_len - 1,
-    (seq, head_dim), computed in fp32."""
+    """cos and sin of the rotation angles of positions 0 .. seq_len - 1, (seq, head_dim),
+    computed in fp32."""
     exponents = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta**exponents)
-    positions = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -89,6 +89,9 @@ class KVCache:
         self.max_len = max_len
         # Positions stored so far, which is also the position of the next token.
         self.length = 0
+        # The rotation of every position the cache can hold, computed once: a step slices its own
+        # rows instead of building them again (the same fp32 values either way).
+        self.cos, self.sin = rotary_cos_sin(cfg, max_len, device)
 
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self.keys[index], self.values[index], self.length)
@@ -216,25 +219,29 @@ class Llama(nn.Module):
         tokens: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """(batch, seq) token ids -> (batch, seq, vocab) logits; with `targets`, (batch, seq) token
         ids or IGNORE_INDEX, the summed cross-entropy of the labelled positions instead.
 
         With a `cache`, `tokens` continue the sequence the cache holds: they are placed at
         positions cache.length onwards, attend to the cached positions too, and are appended to it.
+        `last_only` gives only the last position's logits, (batch, 1, vocab): all that generation
+        needs, where the output layer over a whole prompt costs as much as several blocks.
 
         The training loss is computed here, inside the model's call, so that hooks on the model
         run on the training path: a forward hook, FSDP's gathering of the root's weights,
         torch.compile of the root. It applies the output layer a chunk of tokens at a time, so the
         logits of a whole batch never exist at once (see `loss.chunked_cross_entropy`).
         """
-        if cache is not None:
-            if targets is not None:
-                raise ValueError("a KV cache is for generation; the training loss takes none")
-            return self.lm_head(self.cached_hidden_states(tokens, cache))
-        hidden = self.hidden_states(tokens)
+        if cache is None:
+            hidden = self.hidden_states(tokens)
+        elif targets is None:
+            hidden = self.cached_hidden_states(tokens, cache)
+        else:
+            raise ValueError("a KV cache is for generation; the training loss takes none")
         if targets is None:
-            return self.lm_head(hidden)
+            return self.lm_head(hidden[:, -1:] if last_only else hidden)
         weight = self.output_weight()
         if not torch.is_grad_enabled():
             # The loss computes its gradients in the forward pass for every input that requires
@@ -257,7 +264,7 @@ class Llama(nn.Module):
             raise ValueError(
                 f"{seq} tokens after {start} cached overflow a cache of {cache.max_len} positions"
             )
-        cos, sin = rotary_cos_sin(self.cfg, seq, tokens.device, start)
+        cos, sin = cache.cos[start : start + seq], cache.sin[start : start + seq]
         x = self.embed_tokens(tokens)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.layer(index))
