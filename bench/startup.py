@@ -94,8 +94,8 @@ def main() -> None:
                     cache_dir = work / f"cache-{name}-{cache}-{run if cache == 'cold' else 0}"
                     run_env = {**env, "FINETUNE_CACHE": str(cache_dir)}
                     command = finetune_command(overrides, work / f"run-{name}-{cache}-{run}")
-                    if cache == "warm" and run == 0:
-                        first_step_s(command, run_env)  # writes the cache the runs then read
+                    if cache == "warm" and run == 0:  # writes the cache the runs then read
+                        first_step_s(finetune_command(overrides, work / f"fill-{name}"), run_env)
                     starts.append(first_step_s(command, run_env))
                     imports.append(first_step_s(import_torch, env))
                 difference = statistics.median(s - i for s, i in zip(starts, imports, strict=True))
