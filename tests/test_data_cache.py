@@ -320,3 +320,18 @@ def test_a_rerun_reads_the_cache_and_trains_the_same_losses(
     assert read in runs[1].stderr + runs[1].stdout
     assert logged_losses(tmp_path / "second") == logged_losses(tmp_path / "first")
     assert len(entries(cache)) == 1
+
+
+def test_a_missing_data_file_is_reported_as_without_the_cache(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    missing = DatasetConfig(path=str(tmp_path / "gone.jsonl"))
+    with pytest.raises(OSError) as cached:
+        load_dataset(missing, tokenizer, MAX_SEQ_LEN)
+    with pytest.raises(OSError) as uncached:
+        load_dataset(dataclasses.replace(missing, cache=False), tokenizer, MAX_SEQ_LEN)
+    assert (cached.value.filename, cached.value.strerror) == (
+        uncached.value.filename,
+        uncached.value.strerror,
+    )
+    assert cached.value.filename == str(tmp_path / "gone.jsonl")

@@ -268,7 +268,10 @@ def tokenized(
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,
     }
-    key = data_cache.cache_key([file, tokenizer.path, *TOKENIZING_CODE], settings)
+    try:
+        key = data_cache.cache_key([file, tokenizer.path, *TOKENIZING_CODE], settings)
+    except OSError:  # an unreadable data file: the loader says so, in its one line
+        return tokenize()
     sequences = data_cache.cached_sequences(
         key, lambda: [(e.tokens, e.labels) for e in tokenize()], source=file
     )

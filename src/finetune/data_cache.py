@@ -66,8 +66,11 @@ def cached_sequences(
 
 
 def file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
 
 
 # An entry: MAGIC, a JSON header line {"lengths": [...], "sha256": ...}, then the payload: every
