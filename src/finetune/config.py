@@ -172,6 +172,11 @@ class DatasetConfig:
         ge=0,
         lt=1,
     )
+    cache: bool = option(
+        True,
+        "keep tokenized data in $FINETUNE_CACHE (default ~/.cache/finetune/tokenized) and reuse "
+        "it while data, tokenizer and settings are unchanged",
+    )
 
     def __post_init__(self) -> None:
         self.path, self.val_path = absolute_path(self.path), absolute_path(self.val_path)

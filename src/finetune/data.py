@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import data_cache
 from finetune.chat_format import Message, llama2_chat_turns, read_conversations
 from finetune.config import DatasetConfig
 from finetune.data_files import ABSENT, field_value, read_rows
@@ -218,7 +219,7 @@ def load_dataset(
     Examples with nothing to train on (a prompt that fills max_seq_len) are left out.
     """
     file = Path(path or cfg.path)
-    examples = LOADERS[cfg.format](file, cfg, tokenizer, max_seq_len)
+    examples = tokenized(file, cfg, tokenizer, max_seq_len)
     trainable = [e for e in examples if has_targets(e)]
     if not trainable:
         raise UserError(
@@ -235,6 +236,46 @@ def load_dataset(
             max_seq_len,
         )
     return trainable
+
+
+# The code that decides the token ids of a record: part of the cache key, so that a new version
+# of finetune that tokenizes differently (a new prompt template, a fix) never reads old entries.
+TOKENIZING_CODE = [
+    Path(__file__).with_name(name)
+    for name in ("data.py", "chat_format.py", "data_files.py", "tokenizer.py")
+]
+
+
+def tokenized(
+    file: Path, cfg: DatasetConfig, tokenizer: Tokenizer, max_seq_len: int
+) -> list[Example]:
+    """Every example of `file`, from the tokenized-data cache (data_cache.py) when a run before
+    stored them with the same data, tokenizer, settings and code; `dataset.cache=false` always
+    tokenizes."""
+
+    def tokenize() -> list[Example]:
+        return LOADERS[cfg.format](file, cfg, tokenizer, max_seq_len)
+
+    if not cfg.cache:
+        return tokenize()
+    columns = ALPACA_PARTS if cfg.format == "alpaca" else ("messages",)
+    settings = {
+        "format": cfg.format,
+        "column_map": {part: getattr(cfg.column_map, part) for part in columns},
+        "train_on_input": cfg.train_on_input,
+        "max_seq_len": max_seq_len,
+        # A tokenizer.json's special tokens may be named by the tokenizer_config.json beside it.
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+    }
+    try:
+        key = data_cache.cache_key([file, tokenizer.path, *TOKENIZING_CODE], settings)
+    except OSError:  # an unreadable data file: the loader says so, in its one line
+        return tokenize()
+    sequences = data_cache.cached_sequences(
+        key, lambda: [(e.tokens, e.labels) for e in tokenize()], source=file
+    )
+    return [Example(tokens, labels) for tokens, labels in sequences]
 
 
 def has_targets(example: Example) -> bool:
