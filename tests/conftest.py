@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ from finetune.tokenizer import Tokenizer
 # Nothing in the tests may reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Tokenized data is cached (data_cache.py): in a directory of this session, not the user's.
+os.environ.setdefault("FINETUNE_CACHE", tempfile.mkdtemp(prefix="finetune-cache-"))
 
 CONF_DIR = config_dir()
 TINY_CHECKPOINT = ASSETS_DIR / "tiny"
