@@ -363,3 +363,17 @@ def test_a_rank_ends_with_its_status_and_output_but_without_finalization(tmp_pat
     assert result.returncode == 3
     assert result.stdout == "printed"
     assert "logged" in log_file.read_text()
+
+
+def test_the_rank_a_signal_killed_is_named_before_the_one_that_lost_it(tmp_path: Path) -> None:
+    """The agent stamps both failures with the same second; the killed rank is the cause."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    lost = ProcessFailure(local_rank=0, pid=10, exitcode=1, error_file=str(tmp_path / "none"))
+    killed = ProcessFailure(local_rank=1, pid=11, exitcode=-9, error_file=str(tmp_path / "none"))
+    killed.timestamp = lost.timestamp
+    failure = ChildFailedError("finetune.launch", {0: lost, 1: killed})
+
+    assert launch.first_to_end(failure) == (1, -9)
+    error = launch.worker_error(tmp_path, failure)
+    assert str(error) == "rank 1 was killed by SIGKILL (out of memory?)"

@@ -217,12 +217,22 @@ def worker_error(shared: Path, failure: ChildFailedError) -> Exception:
     """The error of the worker that failed first, as this process would have raised it."""
     recorded = sorted(shared.glob(f"{interrupts.FAILED_PREFIX}*"))
     if not recorded:  # killed without a word
-        rank, first = failure.get_first_failure()
-        return RunFailed(f"rank {rank} {ended_how(first.exitcode)}")
+        rank, exit_code = first_to_end(failure)
+        return RunFailed(f"rank {rank} {ended_how(exit_code)}")
     error = json.loads(recorded[0].read_text())
     if error["user_error"]:
         return UserError(error["message"])
     return RunFailed(f"rank {error['rank']} failed: {error['message']} (its traceback above)")
+
+
+def first_to_end(failure: ChildFailedError) -> tuple[int, int]:
+    """(rank, exit code) of the worker whose end ended the run: one a signal killed, before those
+    that exited 1 because they lost it (the agent stamps failures without an error file with the
+    second it saw them, so the times tie)."""
+    rank, first = min(
+        failure.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp)
+    )
+    return rank, first.exitcode
 
 
 def ended_how(exit_code: int) -> str:
