@@ -19,9 +19,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from bench import BATCH_SIZE, MEDIUM, alpaca_records, padded_tokenizer
 from torch.profiler import ProfilerActivity, profile
 
+from bench import BATCH_SIZE, MEDIUM, alpaca_records, padded_tokenizer
 from finetune.config import DType
 from finetune.data import collate, tokenize_alpaca
 from finetune.model import Llama
