@@ -6,9 +6,11 @@ import torch
 
 from finetune.data import IGNORE_INDEX
 
-# Logits held at once by the chunked loss: 2**25 fp32 values are 128 MiB (4096 tokens at 8k vocab,
-# 1048 tokens at Llama-2's 32k).
-LOGITS_PER_CHUNK = 2**25
+# Logits held at once by the chunked loss: 2**23 fp32 values are 32 MiB (1024 tokens at 8k vocab,
+# 262 at Llama-2's 32k). A chunk's logits exist about three times over (the logits, their fp32
+# log-probabilities, and in bf16 the gradient's copy), so this bounds the loss's own peak memory;
+# chunks of 262 tokens keep the output layer's matmuls large enough to run at full rate.
+LOGITS_PER_CHUNK = 2**23
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -53,7 +55,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = grad_logits.to(compute_dtype)
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk_size] = grad_logits @ w
-                if grad_weight is not None:
+                if grad_weight is None:
+                    continue
+                if grad_logits.dtype == grad_weight.dtype:  # fp32: no (vocab, dim) temporary
+                    grad_weight.addmm_(grad_logits.T, h)
+                else:
                     grad_weight += grad_logits.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
@@ -63,9 +69,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in place: these tensors exist only to be returned once, and a copy of the
+        # output layer's gradient would be another (vocab, dim) fp32 tensor at the memory peak.
         return (
-            grad_hidden * grad_loss if grad_hidden is not None else None,
-            (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
+            grad_hidden.mul_(grad_loss) if grad_hidden is not None else None,
+            grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
             None,
             None,
         )
