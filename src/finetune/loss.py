@@ -6,11 +6,12 @@ import torch
 
 from finetune.data import IGNORE_INDEX
 
-# Logits held at once by the chunked loss: 2**23 fp32 values are 32 MiB (1024 tokens at 8k vocab,
-# 262 at Llama-2's 32k). A chunk's logits exist about three times over (the logits, their fp32
-# log-probabilities, and in bf16 the gradient's copy), so this bounds the loss's own peak memory;
-# chunks of 262 tokens keep the output layer's matmuls large enough to run at full rate.
-LOGITS_PER_CHUNK = 2**23
+# Logits held at once by the chunked loss: 2**24 fp32 values are 64 MiB (2048 tokens at 8k vocab,
+# 524 at Llama-2's 32k). A chunk's logits exist about twice over (the logits and their fp32
+# log-probabilities), so this bounds the loss's own peak memory. Smaller chunks would save more,
+# but under bf16 each chunk adds its (vocab, dim) weight gradient to the fp32 total in one more
+# pass over it (the CPU has no bf16 matmul with an fp32 output to accumulate into).
+LOGITS_PER_CHUNK = 2**24
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
