@@ -3,6 +3,7 @@
     python bench/bench.py           # tiny and medium models, fp32 and bf16, full and lora recipes
     python bench/bench.py --models medium --dtypes bf16 --recipes lora,qlora --steps 8
     python bench/bench.py --models medium --recipes full --procs 1,2   # 1 x 2 threads, 2 x 1
+    python bench/bench.py --workload alpaca --models medium --steps 12  # variable-length batches
 
 Each configuration is one `python -m finetune` process. From the times at which its progress
 lines arrive the script derives:
@@ -14,6 +15,11 @@ lines arrive the script derives:
   peak RSS       the process's maximum resident memory
 Workloads: `tiny` is the shipped model; `medium` is a random 6-layer, 512-wide model with a
 32,000-token vocabulary (Llama-2's), so that the output layer weighs as it does at 7B.
+Data (`--workload`): `long` (the default) truncates every sequence to 256 tokens, so nothing is
+padding; `alpaca` draws each record's length uniformly from 100-400 tokens (seeded), and batches
+are padded to their longest sequence as real data are: every step has a new sequence length.
+There the transformer's FLOPs count the padded tokens (they are computed), the output layer's
+only the labelled ones (the chunked loss skips the rest), from the steps actually timed.
 `lora` runs with the config's default adapters (`LoraConfig`: rank 8 on q/k/v/o_proj).
 `--procs 2` runs each configuration sharded over 2 processes (`nproc_per_node=2`, FSDP2) of
 cores/2 threads each, batch_size halved so that a step trains on the same sequences; its peak RSS
@@ -26,6 +32,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -37,9 +44,11 @@ from pathlib import Path
 import torch
 
 from finetune.config import ASSETS_DIR, LoraConfig, ModelConfig, model_preset
+from finetune.data import tokenize_alpaca
 from finetune.hf_format import save_hf
 from finetune.lora import apply_lora
 from finetune.model import Llama
+from finetune.tokenizer import Tokenizer
 
 TINY_DIR = ASSETS_DIR / "tiny"
 TINY = model_preset("tiny")
@@ -56,6 +65,8 @@ MEDIUM = ModelConfig(
 )
 BATCH_SIZE = 4
 SEQ_LEN = 256
+# The alpaca workload's record lengths in tokens (BOS, prompt, output, EOS), drawn uniformly.
+ALPACA_LENGTHS = (100, 400)
 
 
 @dataclass
@@ -63,6 +74,7 @@ class Result:
     startup_s: float
     step_s: float
     peak_rss_mb: float
+    steady_s: float  # the timed steps' total
 
 
 def padded_tokenizer(vocab_size: int, out: Path) -> Path:
@@ -104,7 +116,47 @@ def long_records(path: Path, n: int) -> Path:
     return path
 
 
-def run_recipe(overrides: list[str], steps: int, run_dir: Path, procs: int = 1) -> Result:
+def alpaca_records(path: Path, n: int, tokenizer_path: Path) -> list[int]:
+    """`n` Alpaca records whose token counts are drawn from ALPACA_LENGTHS; their lengths.
+
+    Each record is a sample prompt shorter than the drawn length, its output the sample answers
+    that follow it joined until the record is long enough, less the words past the drawn length.
+    """
+    tokenizer = Tokenizer(tokenizer_path)
+    rows = [
+        json.loads(line)
+        for line in (TINY_DIR.parent / "sample.jsonl").read_text().split("\n")
+        if line
+    ]
+    rng = random.Random(0)
+    lengths = []
+    with path.open("w") as f:
+        for i in range(n):
+            want = rng.randint(*ALPACA_LENGTHS)
+            j = i
+            while alpaca_length(rows[j % len(rows)], [], tokenizer) >= want:  # a long prompt
+                j += 1
+            row = rows[j % len(rows)]
+            words: list[str] = []
+            while alpaca_length(row, words, tokenizer) < want:
+                j += 1
+                words += rows[j % len(rows)]["output"].split()
+            while alpaca_length(row, words, tokenizer) > want:
+                words.pop()
+            record = {"instruction": row["instruction"], "input": row["input"]}
+            f.write(json.dumps({**record, "output": " ".join(words)}) + "\n")
+            lengths.append(alpaca_length(row, words, tokenizer))
+    return lengths
+
+
+def alpaca_length(row: dict, words: list[str], tokenizer: Tokenizer) -> int:
+    record = {"instruction": row["instruction"], "input": row["input"], "output": " ".join(words)}
+    return len(tokenize_alpaca(record, tokenizer, 10**6, train_on_input=True).tokens)
+
+
+def run_recipe(
+    overrides: list[str], steps: int, run_dir: Path, procs: int = 1, seq_len: int = SEQ_LEN
+) -> Result:
     command = [
         sys.executable,
         "-m",
@@ -113,7 +165,7 @@ def run_recipe(overrides: list[str], steps: int, run_dir: Path, procs: int = 1) 
         f"max_steps={steps}",
         f"batch_size={BATCH_SIZE // procs}",
         f"nproc_per_node={procs}",
-        f"max_seq_len={SEQ_LEN}",
+        f"max_seq_len={seq_len}",
         "dataset.train_on_input=true",
         "shuffle=false",
         f"hydra.run.dir={run_dir}",
@@ -139,7 +191,13 @@ def run_recipe(overrides: list[str], steps: int, run_dir: Path, procs: int = 1) 
         startup_s=step_times[0] - launched,
         step_s=statistics.median(steady),
         peak_rss_mb=usage.ru_maxrss / 1024,
+        steady_s=sum(steady),
     )
+
+
+def timed_steps(steps: int) -> range:
+    """The steps (1-based) whose durations `run_recipe` measures: from the end of step 3 on."""
+    return range(4, steps + 1)
 
 
 # Bench name -> the overrides that select it.
@@ -151,7 +209,13 @@ RECIPES = {
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, recipe: str) -> float:
-    """Training FLOPs per token, attention included.
+    """Training FLOPs per token, attention and output layer included."""
+    body, head = flops_per_token_parts(cfg, seq_len, recipe)
+    return body + head
+
+
+def flops_per_token_parts(cfg: ModelConfig, seq_len: int, recipe: str) -> tuple[float, float]:
+    """Training FLOPs per token of the transformer (attention included) and of the output layer.
 
     A trained matmul weight costs 6 (forward, and the input and weight gradients in backward); a
     frozen one 4, since its weight gradient is never computed. So full fine-tuning is 6 per
@@ -161,16 +225,29 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recipe: str) -> float:
     model = meta_model(cfg)
     if recipe != "full":  # a QLoRA step does LoRA's matmuls, plus the dequantization
         apply_lora(model, LoraConfig())
-    trained = frozen = 0
+    body = head = 0
     for name, p in model.named_parameters():
         if p.ndim < 2 or name == "embed_tokens.weight":  # norms; the embedding is a lookup
             continue
-        if p.requires_grad:
-            trained += p.numel()
+        flops = 6 * p.numel() if p.requires_grad else 4 * p.numel()
+        if name.startswith("lm_head."):
+            head += flops
         else:
-            frozen += p.numel()
+            body += flops
     attention = 12 * cfg.n_layers * cfg.dim * seq_len
-    return 6 * trained + 4 * frozen + attention
+    return body + attention, head
+
+
+def alpaca_step_flops(cfg: ModelConfig, recipe: str, lengths: list[int], steps: range) -> float:
+    """FLOPs of the given optimizer `steps` over the alpaca records of `lengths` in file order:
+    the transformer on every padded position, the output layer on the labelled ones."""
+    total = 0.0
+    for step in steps:
+        batch = [n - 1 for n in lengths[(step - 1) * BATCH_SIZE : step * BATCH_SIZE]]
+        padded = max(batch)
+        body, head = flops_per_token_parts(cfg, padded, recipe)
+        total += body * padded * len(batch) + head * sum(batch)
+    return total
 
 
 def meta_model(cfg: ModelConfig) -> Llama:
@@ -199,6 +276,7 @@ def main() -> None:
     parser.add_argument("--recipes", default="full,lora", help=f"any of {', '.join(RECIPES)}")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--procs", default="1", help="processes per run, e.g. 1,2")
+    parser.add_argument("--workload", default="long", choices=["long", "alpaca"])
     args = parser.parse_args()
     unknown = set(args.recipes.split(",")) - set(RECIPES)
     if unknown:
@@ -212,8 +290,11 @@ def main() -> None:
         f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s"
     )
     lora = LoraConfig()
+    shape = f"{SEQ_LEN} tokens"
+    if args.workload == "alpaca":
+        shape = f"{ALPACA_LENGTHS[0]}-{ALPACA_LENGTHS[1]} tokens padded to the longest"
     print(
-        f"workload: batch {BATCH_SIZE} x {SEQ_LEN} tokens, {args.steps} steps; "
+        f"workload: batch {BATCH_SIZE} x {shape}, {args.steps} steps; "
         f"lora: rank {lora.rank} on {','.join(lora.targets)}"
     )
     header = f"{'model':<8}{'recipe':<7}{'dtype':<6}{'procs':>6}{'start-up s':>11}{'step s':>9}"
@@ -221,12 +302,20 @@ def main() -> None:
     print(header + f"{'GFLOP/s':>9}{'of mm':>7}{'peak RSS MB':>13}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = long_records(work / "long.jsonl", BATCH_SIZE * (args.steps + 1))
+        n_records = BATCH_SIZE * (args.steps + 1)
         checkpoints = {"tiny": (TINY, TINY_DIR)}
         if "medium" in args.models:
             checkpoints["medium"] = (MEDIUM, medium_checkpoint(work))
         for name in args.models.split(","):
             cfg, ckpt = checkpoints[name]
+            seq_len, lengths = SEQ_LEN, []
+            if args.workload == "alpaca":
+                data = work / f"alpaca-{name}.jsonl"
+                tokenizer = ckpt / "tokenizer.model"
+                lengths = alpaca_records(data, n_records, tokenizer)
+                seq_len = ALPACA_LENGTHS[1]
+            else:
+                data = long_records(work / "long.jsonl", n_records)
             model_args = [f"model.{f}={getattr(cfg, f)}" for f in cfg.__dataclass_fields__]
             runs = itertools.product(
                 args.recipes.split(","), args.dtypes.split(","), map(int, args.procs.split(","))
@@ -240,9 +329,17 @@ def main() -> None:
                     f"dtype={dtype}",
                 ]
                 run_dir = work / f"{name}-{recipe}-{dtype}-{procs}"
-                r = run_recipe(overrides, args.steps, run_dir, procs)
-                tokens = BATCH_SIZE * (SEQ_LEN - 1)
-                gflops = flops_per_token(cfg, SEQ_LEN - 1, recipe) * tokens / r.step_s / 1e9
+                r = run_recipe(overrides, args.steps, run_dir, procs, seq_len)
+                timed = timed_steps(args.steps)
+                if lengths:
+                    padded = [
+                        max(lengths[(s - 1) * BATCH_SIZE : s * BATCH_SIZE]) - 1 for s in timed
+                    ]
+                    tokens = BATCH_SIZE * statistics.mean(padded)
+                    gflops = alpaca_step_flops(cfg, recipe, lengths, timed) / r.steady_s / 1e9
+                else:
+                    tokens = BATCH_SIZE * (SEQ_LEN - 1)
+                    gflops = flops_per_token(cfg, SEQ_LEN - 1, recipe) * tokens / r.step_s / 1e9
                 print(
                     f"{name:<8}{recipe:<7}{dtype:<6}{procs:>6}{r.startup_s:>11.2f}{r.step_s:>9.3f}"
                     f"{tokens / r.step_s:>10.0f}{gflops:>9.1f}{gflops / mm[dtype]:>7.0%}"

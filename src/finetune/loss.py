@@ -6,9 +6,12 @@ import torch
 
 from finetune.data import IGNORE_INDEX
 
-# Logits held at once by the chunked loss: 2**25 fp32 values are 128 MiB (4096 tokens at 8k vocab,
-# 1048 tokens at Llama-2's 32k).
-LOGITS_PER_CHUNK = 2**25
+# Logits held at once by the chunked loss: 2**24 fp32 values are 64 MiB (2048 tokens at 8k vocab,
+# 524 at Llama-2's 32k). A chunk's logits exist about twice over (the logits and their fp32
+# log-probabilities), so this bounds the loss's own peak memory. Smaller chunks would save more,
+# but under bf16 each chunk adds its (vocab, dim) weight gradient to the fp32 total in one more
+# pass over it (the CPU has no bf16 matmul with an fp32 output to accumulate into).
+LOGITS_PER_CHUNK = 2**24
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -53,7 +56,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = grad_logits.to(compute_dtype)
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk_size] = grad_logits @ w
-                if grad_weight is not None:
+                if grad_weight is None:
+                    continue
+                if grad_logits.dtype == grad_weight.dtype:  # fp32: no (vocab, dim) temporary
+                    grad_weight.addmm_(grad_logits.T, h)
+                else:
                     grad_weight += grad_logits.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
@@ -63,9 +70,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in place: these tensors exist only to be returned once, and a copy of the
+        # output layer's gradient would be another (vocab, dim) fp32 tensor at the memory peak.
         return (
-            grad_hidden * grad_loss if grad_hidden is not None else None,
-            (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
+            grad_hidden.mul_(grad_loss) if grad_hidden is not None else None,
+            grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
             None,
             None,
         )

@@ -27,7 +27,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (as the reference does) and cast back before scaling.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+        scaled = self.weight * normed
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Only matmuls read a norm's output, and autocast would cast it to bf16 for each of
+            # them (q, k and v; gate and up): cast it once, to the same values.
+            return scaled.to(torch.get_autocast_dtype(device_type))
+        return scaled
 
 
 def rotary_cos_sin(
@@ -46,8 +52,11 @@ def rotary_cos_sin(
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (batch, heads, seq, head_dim) by position: pairs are (i, i + head_dim/2)."""
     first, second = x.chunk(2, dim=-1)
-    rotated_half = torch.cat([-second, first], dim=-1)
-    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+    # The rotated pairs are (-second, first): the sign goes on the small (seq, head_dim) sin,
+    # which gives the same products without negating the whole tensor (and its gradient).
+    sin_first, sin_second = sin.to(x.dtype).chunk(2, dim=-1)
+    signed_sin = torch.cat([-sin_first, sin_second], dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([second, first], dim=-1) * signed_sin
 
 
 class LayerCache(NamedTuple):
