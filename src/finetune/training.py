@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import math
-import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -68,26 +66,6 @@ def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
     if dtype is DType.bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-# glibc's mallopt parameter for the size from which a block gets pages of its own (mmap).
-M_MMAP_THRESHOLD = -3
-# glibc's initial threshold, kept fixed.
-MMAP_THRESHOLD_BYTES = 128 * 1024
-
-
-def return_freed_blocks_to_the_system() -> bool:
-    """Give every large block (activations, gradients, the loss's chunks) pages of its own, which
-    go back to the system when it is freed; False where the C library is not glibc.
-
-    By default glibc raises that threshold to the size of each such block freed (up to 32 MiB),
-    so after the first step the activations come from the heap instead, where blocks of sizes
-    that change with every batch's length fragment it and the peak memory grows step by step
-    (on the bench's full fp32 run, about 200 MB). Fixing the threshold also turns that raising off.
-    """
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -257,7 +235,6 @@ def train(
     between runs, e.g. in a sweep), else the mean training loss over the last 10 % of the steps
     (see `late_loss`): one step's loss is too noisy to compare runs by.
     """
-    return_freed_blocks_to_the_system()
     examples, val_examples = split_validation(examples, params, tokenizer)
     pad_id = tokenizer.pad_id
     device = next(model.parameters()).device
