@@ -30,6 +30,7 @@ from bench import MEDIUM, TINY, TINY_DIR, medium_checkpoint  # bench/bench.py, b
 from finetune.checkpoint import load_checkpoint
 from finetune.config import ModelConfig
 from finetune.generation import generate
+from finetune.packed_linear import pack_linears
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -97,11 +98,13 @@ def time_transformers(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: 
 
 
 def load_both(
-    cfg: ModelConfig, ckpt: Path, dtype: torch.dtype
+    cfg: ModelConfig, ckpt: Path, dtype: torch.dtype, pack: bool
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     from transformers import LlamaForCausalLM
 
     ours = load_checkpoint(cfg, ckpt, torch.device("cpu"), dtype).eval()
+    if pack:  # as recipe=generate loads a model
+        pack_linears(ours)
     theirs = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
     # `generate` fills an EOS left unset in its config from the model's own (the checkpoint's).
     theirs.generation_config.eos_token_id = None
@@ -143,7 +146,7 @@ def medians(timings: list[Timing], prompt_tokens: int) -> tuple[float, float]:
 
 
 def bench_model(cfg: ModelConfig, ckpt: Path, dtype: torch.dtype, args: argparse.Namespace) -> Row:
-    ours, theirs = load_both(cfg, ckpt, dtype)
+    ours, theirs = load_both(cfg, ckpt, dtype, not args.unpacked)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt_tokens,), generator=generator)
     timings = measure(
@@ -184,6 +187,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--unpacked", action="store_true", help="finetune's model with its plain weights"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -213,12 +213,12 @@ def test_prompts_file_gives_each_prompt_the_answer_it_gets_alone(
     assert capsys.readouterr().out == written[2]["response"] + "\n"
 
 
-def compared_row(checkpoint: Path, tmp_path: Path, base: str) -> dict:
+def compared_row(checkpoint: Path, tmp_path: Path, base: str, *extra: str) -> dict:
     """The row of generations.jsonl for one prompt, answered by `checkpoint` and by `base`
     (`adapter=...`: the checkpoint without it; `base=...`: another model), 12 tokens greedy."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Name a prime."}])
     out = tmp_path / "run"
-    overrides = (f"prompts={prompts}", "compare_base=true", base, "max_new_tokens=12")
+    overrides = (f"prompts={prompts}", "compare_base=true", base, "max_new_tokens=12", *extra)
     generate_recipe.run(generate_params(checkpoint, out, *overrides))
     return json.loads((out / "generations.jsonl").read_text())
 
@@ -236,6 +236,27 @@ def test_compare_base_answers_with_and_without_the_adapter(
     add_adapter(model, adapter)
     assert row["response"] == greedy_text(model, prompt, tokenizer, 12)
     assert row["response"] != row["base_response"]
+
+
+def test_bf16_answers_with_packed_weights_are_those_of_the_plain_model(
+    small_checkpoint: Path, tokenizer: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The recipe packs bf16 weights for the CPU (packed_linear.py), after the base has answered
+    # without the adapter; the plain bf16 model gives the same answers.
+    packed: list[int] = []
+    pack = generate_recipe.pack_linears
+    monkeypatch.setattr(generate_recipe, "pack_linears", lambda m: packed.append(pack(m)))
+    adapter = write_adapter(tmp_path / "adapter", small_checkpoint)
+    row = compared_row(small_checkpoint, tmp_path, f"adapter={adapter}", "dtype=bf16")
+    assert len(packed) == 1 and packed[0] > 0
+
+    params = generate_params(small_checkpoint, tmp_path / "x", "dtype=bf16")
+    prompt = alpaca_prompt_ids("Name a prime.", "", tokenizer)
+    model = load_for_inference(params, torch.device("cpu"), torch.bfloat16)
+    assert row["base_response"] == greedy_text(model, prompt, tokenizer, 12)
+    add_adapter(model, adapter)
+    assert row["response"] == greedy_text(model, prompt, tokenizer, 12)
+    assert type(model.layers[0].mlp.down_proj) is torch.nn.Linear  # this one was not packed
 
 
 def test_compare_base_with_another_base_model(

@@ -98,9 +98,11 @@ class KVCache:
         self.max_len = max_len
         # Positions stored so far, which is also the position of the next token.
         self.length = 0
-        # The rotation of every position the cache can hold, computed once: a step slices its own
-        # rows instead of building them again (the same fp32 values either way).
-        self.cos, self.sin = rotary_cos_sin(cfg, max_len, device)
+        # The rotation of every position the cache can hold, computed once in fp32 and cast to
+        # the cache's dtype (as `apply_rotary` casts it): a step slices its own rows instead of
+        # building and casting them again, the same values either way.
+        cos, sin = rotary_cos_sin(cfg, max_len, device)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
 
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self.keys[index], self.values[index], self.length)

@@ -44,6 +44,7 @@ from finetune.inference import (
 )
 from finetune.model import Llama
 from finetune.outputs import check_writable
+from finetune.packed_linear import pack_linears
 from finetune.runs import load_tokenizer, resolve_device, seed_everything
 from finetune.tokenizer import Tokenizer
 
@@ -72,7 +73,11 @@ class Generation:
     dtype: torch.dtype
 
     def load(self, params: GenerateParams, adapter: str = "") -> Llama:
-        return load_for_inference(params, self.device, self.dtype, adapter)
+        """The model, ready to generate: with `adapter` applied and its bf16 weights packed for
+        the CPU (see packed_linear.py); nothing is added to it after this."""
+        model = load_for_inference(params, self.device, self.dtype, adapter)
+        pack_linears(model)
+        return model
 
     def answer_each(self, model: Llama, requests: list[Request], which: str) -> list[Answer]:
         answers = []
@@ -172,12 +177,16 @@ def answer_all(
     checkpoint answers first without its adapter (when compared with itself), then with it;
     a `base=` model answers last."""
     params = generation.params
-    model = generation.load(params)
     base_answers = None
     if params.compare_base and base is None:
+        # Loaded once: without the adapter to answer as the base, then with it. Unpacked while
+        # the base answers, since the adapter then wraps the plain layers.
+        model = load_for_inference(params, generation.device, generation.dtype)
         base_answers = generation.answer_each(model, requests, "base")
-    if params.adapter:
         add_adapter(model, Path(params.adapter))
+        pack_linears(model)
+    else:
+        model = generation.load(params, params.adapter)
     answers = generation.answer_each(model, requests, "model")
     if base is not None:
         del model
