@@ -29,8 +29,8 @@ import torch
 from bench import MEDIUM, TINY, TINY_DIR, medium_checkpoint  # bench/bench.py, beside this file
 from finetune.checkpoint import load_checkpoint
 from finetune.config import ModelConfig
+from finetune.decode_layout import lay_out_for_decoding
 from finetune.generation import generate
-from finetune.packed_linear import pack_linears
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -98,13 +98,13 @@ def time_transformers(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: 
 
 
 def load_both(
-    cfg: ModelConfig, ckpt: Path, dtype: torch.dtype, pack: bool
+    cfg: ModelConfig, ckpt: Path, dtype: torch.dtype, lay_out: bool
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     from transformers import LlamaForCausalLM
 
     ours = load_checkpoint(cfg, ckpt, torch.device("cpu"), dtype).eval()
-    if pack:  # as recipe=generate loads a model
-        pack_linears(ours)
+    if lay_out:  # as recipe=generate loads a model
+        lay_out_for_decoding(ours)
     theirs = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
     # `generate` fills an EOS left unset in its config from the model's own (the checkpoint's).
     theirs.generation_config.eos_token_id = None
@@ -146,7 +146,7 @@ def medians(timings: list[Timing], prompt_tokens: int) -> tuple[float, float]:
 
 
 def bench_model(cfg: ModelConfig, ckpt: Path, dtype: torch.dtype, args: argparse.Namespace) -> Row:
-    ours, theirs = load_both(cfg, ckpt, dtype, not args.unpacked)
+    ours, theirs = load_both(cfg, ckpt, dtype, not args.plain_layout)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt_tokens,), generator=generator)
     timings = measure(
@@ -188,7 +188,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--unpacked", action="store_true", help="finetune's model with its plain weights"
+        "--plain-layout",
+        action="store_true",
+        help="finetune's model as training holds it, without recipe=generate's decode layout",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -238,14 +238,16 @@ def test_compare_base_answers_with_and_without_the_adapter(
     assert row["response"] != row["base_response"]
 
 
-def test_bf16_answers_with_packed_weights_are_those_of_the_plain_model(
+def test_bf16_answers_in_the_decode_layout_are_those_of_the_plain_model(
     small_checkpoint: Path, tokenizer: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The recipe packs bf16 weights for the CPU (packed_linear.py), after the base has answered
+    # The recipe lays bf16 weights out for decoding (decode_layout.py) once the base has answered
     # without the adapter; the plain bf16 model gives the same answers.
     packed: list[int] = []
-    pack = generate_recipe.pack_linears
-    monkeypatch.setattr(generate_recipe, "pack_linears", lambda m: packed.append(pack(m)))
+    lay_out = generate_recipe.lay_out_for_decoding
+    monkeypatch.setattr(
+        generate_recipe, "lay_out_for_decoding", lambda m: packed.append(lay_out(m))
+    )
     adapter = write_adapter(tmp_path / "adapter", small_checkpoint)
     row = compared_row(small_checkpoint, tmp_path, f"adapter={adapter}", "dtype=bf16")
     assert len(packed) == 1 and packed[0] > 0
@@ -256,7 +258,7 @@ def test_bf16_answers_with_packed_weights_are_those_of_the_plain_model(
     assert row["base_response"] == greedy_text(model, prompt, tokenizer, 12)
     add_adapter(model, adapter)
     assert row["response"] == greedy_text(model, prompt, tokenizer, 12)
-    assert type(model.layers[0].mlp.down_proj) is torch.nn.Linear  # this one was not packed
+    assert type(model.layers[0].mlp.down_proj) is torch.nn.Linear  # as loaded: plain layers
 
 
 def test_compare_base_with_another_base_model(

@@ -29,6 +29,7 @@ from finetune.chat import converse, typed_lines
 from finetune.chat_format import read_conversations
 from finetune.config import DType, GenerateParams, ModelConfig
 from finetune.data import read_records
+from finetune.decode_layout import lay_out_for_decoding
 from finetune.errors import UserError
 from finetune.inference import (
     Answer,
@@ -44,7 +45,6 @@ from finetune.inference import (
 )
 from finetune.model import Llama
 from finetune.outputs import check_writable
-from finetune.packed_linear import pack_linears
 from finetune.runs import load_tokenizer, resolve_device, seed_everything
 from finetune.tokenizer import Tokenizer
 
@@ -73,10 +73,10 @@ class Generation:
     dtype: torch.dtype
 
     def load(self, params: GenerateParams, adapter: str = "") -> Llama:
-        """The model, ready to generate: with `adapter` applied and its bf16 weights packed for
-        the CPU (see packed_linear.py); nothing is added to it after this."""
+        """The model, ready to generate: with `adapter` applied and its weights laid out for
+        decoding (decode_layout.py); nothing is added to it after this."""
         model = load_for_inference(params, self.device, self.dtype, adapter)
-        pack_linears(model)
+        lay_out_for_decoding(model)
         return model
 
     def answer_each(self, model: Llama, requests: list[Request], which: str) -> list[Answer]:
@@ -179,12 +179,12 @@ def answer_all(
     params = generation.params
     base_answers = None
     if params.compare_base and base is None:
-        # Loaded once: without the adapter to answer as the base, then with it. Unpacked while
-        # the base answers, since the adapter then wraps the plain layers.
+        # Loaded once: without the adapter to answer as the base, then with it. Laid out for
+        # decoding only once the adapter is on, since it wraps the plain layers.
         model = load_for_inference(params, generation.device, generation.dtype)
         base_answers = generation.answer_each(model, requests, "base")
         add_adapter(model, Path(params.adapter))
-        pack_linears(model)
+        lay_out_for_decoding(model)
     else:
         model = generation.load(params, params.adapter)
     answers = generation.answer_each(model, requests, "model")
