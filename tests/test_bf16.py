@@ -55,7 +55,13 @@ def test_rms_norm_under_autocast_gives_the_bf16_cast_of_its_fp32_output() -> Non
 def test_apply_rotary_equals_the_reference_rotation_exactly(dtype: torch.dtype) -> None:
     x = torch.randn(2, 4, 7, SMALL_MODEL.head_dim, generator=torch.Generator().manual_seed(2))
     x = x.to(dtype)
-    cos, sin = (t[3:] for t in rotary_cos_sin(SMALL_MODEL, 10, torch.device("cpu")))  # 3 .. 9
+    cos, signed_sin = (t[3:] for t in rotary_cos_sin(SMALL_MODEL, 10, torch.device("cpu")))  # 3..9
+    half = SMALL_MODEL.head_dim // 2
+    angles = torch.arange(3, 10).unsqueeze(1) / 10000.0 ** (torch.arange(half) / half)
+    sin = torch.cat([angles, angles], dim=-1).sin()
+    torch.testing.assert_close(cos, torch.cat([angles, angles], dim=-1).cos())
+    torch.testing.assert_close(signed_sin, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1))
     first, second = x.chunk(2, dim=-1)
-    reference = x * cos.to(dtype) + torch.cat([-second, first], dim=-1) * sin.to(dtype)
-    assert torch.equal(apply_rotary(x, cos, sin), reference)
+    unsigned = torch.cat([-signed_sin[:, :half], signed_sin[:, half:]], dim=-1)
+    reference = x * cos.to(dtype) + torch.cat([-second, first], dim=-1) * unsigned.to(dtype)
+    assert torch.equal(apply_rotary(x, cos, signed_sin), reference)

@@ -39,24 +39,25 @@ class RMSNorm(nn.Module):
 def rotary_cos_sin(
     cfg: ModelConfig, seq_len: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles of positions 0 .. seq_len - 1, (seq, head_dim),
-    computed in fp32."""
+    """The rotation of positions 0 .. seq_len - 1 as `apply_rotary` takes it, (seq, head_dim)
+    each, in fp32: the cos of each pair's angle, and its sin with the first half negated."""
     exponents = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta**exponents)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    # The rotated pairs are (-second, first): the sign goes on the small sin table, once per
+    # forward pass, which gives the same products without negating the activations (and their
+    # gradients) in every layer.
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (batch, heads, seq, head_dim) by position: pairs are (i, i + head_dim/2)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (batch, heads, seq, head_dim) by position: pairs are (i, i + head_dim/2); `cos`
+    and `signed_sin` as `rotary_cos_sin` makes them."""
     first, second = x.chunk(2, dim=-1)
-    # The rotated pairs are (-second, first): the sign goes on the small (seq, head_dim) sin,
-    # which gives the same products without negating the whole tensor (and its gradient).
-    sin_first, sin_second = sin.to(x.dtype).chunk(2, dim=-1)
-    signed_sin = torch.cat([-sin_first, sin_second], dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([second, first], dim=-1) * signed_sin
+    rotated = torch.cat([second, first], dim=-1)
+    return x * cos.to(x.dtype) + rotated * signed_sin.to(x.dtype)
 
 
 class LayerCache(NamedTuple):
@@ -101,8 +102,8 @@ class KVCache:
         # The rotation of every position the cache can hold, computed once in fp32 and cast to
         # the cache's dtype (as `apply_rotary` casts it): a step slices its own rows instead of
         # building and casting them again, the same values either way.
-        cos, sin = rotary_cos_sin(cfg, max_len, device)
-        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        cos, signed_sin = rotary_cos_sin(cfg, max_len, device)
+        self.cos, self.signed_sin = cos.to(dtype), signed_sin.to(dtype)
 
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self.keys[index], self.values[index], self.length)
@@ -292,7 +293,7 @@ class Llama(nn.Module):
             raise ValueError(
                 f"{seq} tokens after {start} cached overflow a cache of {cache.max_len} positions"
             )
-        cos, sin = cache.cos[start : start + seq], cache.sin[start : start + seq]
+        cos, sin = cache.cos[start : start + seq], cache.signed_sin[start : start + seq]
         x = self.embed_tokens(tokens)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.layer(index))
