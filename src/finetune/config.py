@@ -250,13 +250,26 @@ class CheckpointParams:
         require_file(self.tokenizer, "tokenizer", suffixes=TOKENIZER_SUFFIXES)
 
 
+# The learning rate's course after the warmup (schedule.lr_multiplier).
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
 @dataclass
 class FullFinetuneParams(CheckpointParams):
     """Full fine-tuning: every weight of the model is trained."""
 
     dataset: DatasetConfig = option(doc="training data", factory=DatasetConfig)
     lr: float = option(2e-5, "peak learning rate, reached after the warmup", gt=0)
-    warmup_steps: int = option(0, "optimizer steps of linear warmup before the cosine decay", ge=0)
+    warmup_steps: int = option(0, "optimizer steps of linear warmup from 0 to lr", ge=0)
+    lr_schedule: str = option(
+        "cosine",
+        "after the warmup: cosine or linear decay to lr x min_lr_ratio at the last step, or "
+        "constant at lr",
+        choices=LR_SCHEDULES,
+    )
+    min_lr_ratio: float = option(
+        0.0, "where the decay ends, as a fraction of lr (cosine and linear)", ge=0, lt=1
+    )
     weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only", ge=0)
     max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 disables clipping", ge=0)
     batch_size: int = option(4, "sequences per micro-batch", ge=1)
@@ -331,6 +344,12 @@ class FullFinetuneParams(CheckpointParams):
         check_bounds(self)
         if self.resume and self.resume.lower() not in RESUME_WORDS:
             require_dir(self.resume, "resume")
+        if self.lr_schedule == "constant" and self.min_lr_ratio:
+            raise ConfigError(
+                "min_lr_ratio",
+                "a constant schedule does not decay; set lr_schedule=cosine or linear, or leave "
+                "min_lr_ratio out",
+            )
         for key in ("eval_every_n_steps", "early_stopping_patience"):
             if getattr(self, key) and not self.dataset.has_validation:
                 raise ConfigError(

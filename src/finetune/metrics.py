@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from tqdm import tqdm
 
 
@@ -175,12 +176,15 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+    metrics_figure(read_metrics(metrics_path)).savefig(png_path, dpi=100)
+
+
+def metrics_figure(all_rows: list[dict]) -> Figure:
     """Loss (left axis; validation loss too, if any) and learning rate (right axis) by step."""
     # Figure without pyplot: no GUI backend is chosen, so it works on any headless machine.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    all_rows = read_metrics(metrics_path)
     # Training and validation rows share the file; a row is one or the other.
     rows = [r for r in all_rows if "loss" in r]
     val_rows = [r for r in all_rows if "val_loss" in r]
@@ -209,4 +213,4 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     # Below the plot: inside it, the legend would hide curves or the lr axis' scale label.
     fig.legend(loc="outside lower center", ncols=4)
-    fig.savefig(png_path, dpi=100)
+    return fig

@@ -28,7 +28,7 @@ from finetune.outputs import check_free_space
 from finetune.resume import resume, resume_settings
 from finetune.runs import split_validation
 from finetune.samples import Sampler, sample_prompts
-from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
+from finetune.schedule import lr_schedule, total_steps, warn_if_data_runs_out
 from finetune.sweep import job_prefix
 from finetune.tokenizer import Tokenizer
 from finetune.training_state import (
@@ -256,7 +256,7 @@ def train(
         state = resume(params, recipe, model, optimizer, len(examples), steps)
     # The schedule is a function of the step, not saved: a resumed run rebuilds it at its step,
     # over its own length (which may be longer than the checkpoint's run, see `resume.resume`).
-    schedule = partial(lr_multiplier, warmup_steps=params.warmup_steps, total_steps=steps)
+    schedule = lr_schedule(params, steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=state.step - 1)
     check_no_later_checkpoints(output_dir, state.step)
     check_free_space(model, params, steps, len(checkpoint_dirs(output_dir)), saved_bytes)
