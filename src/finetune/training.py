@@ -25,6 +25,7 @@ from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
 from finetune.model import Llama
 from finetune.outputs import check_free_space
+from finetune.provenance import device_name, record_provenance
 from finetune.resume import resume, resume_settings
 from finetune.runs import split_validation
 from finetune.samples import Sampler, sample_prompts
@@ -303,6 +304,7 @@ def train(
     # leaves an earlier run's params.yaml in the same directory as it was.
     if ranks.writes_files():
         (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
+        record_provenance(params, device_name(device))
     model.train()
     metrics.start(elapsed_before=state.elapsed_s)
     if state.rng:
