@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -254,6 +255,44 @@ class CheckpointParams:
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
+# The experiment trackers: each is a `logger.<name>` switch, set by conf/logger/<name>.yaml, and
+# the package that `pip install 'finetune[<name>]'` installs for it.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers that receive what metrics.jsonl gets (`logger=tensorboard`, or several:
+    `logger=[tensorboard,mlflow]`), and the run's parameters as hyperparameters."""
+
+    tensorboard: bool = option(False, "TensorBoard event files in <run dir>/tensorboard")
+    wandb: bool = option(False, "Weights & Biases, offline: <run dir>/wandb, for `wandb sync`")
+    mlflow: bool = option(False, "MLflow: a run in mlflow_uri's store")
+    project: str = option("finetune", "the W&B project and the MLflow experiment")
+    mlflow_uri: str = option(
+        "", "MLflow tracking URI; empty: a file store in the sweep's or the run's mlruns/"
+    )
+
+    def __post_init__(self) -> None:
+        for name, package in TRACKER_PACKAGES.items():
+            if getattr(self, name) and not is_installed(package):
+                raise ConfigError(
+                    "logger", f"{name} needs its package: pip install 'finetune[{name}]'"
+                )
+
+    @property
+    def chosen(self) -> list[str]:
+        return [name for name in TRACKER_PACKAGES if getattr(self, name)]
+
+
+def is_installed(package: str) -> bool:
+    """Whether `package` can be imported, told without importing it (the CLI stays fast)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # in sys.modules as None: imports of it are blocked
+        return False
+
+
 @dataclass
 class FullFinetuneParams(CheckpointParams):
     """Full fine-tuning: every weight of the model is trained."""
@@ -335,6 +374,10 @@ class FullFinetuneParams(CheckpointParams):
     nnodes: int = option(1, "nodes the run spans, nproc_per_node processes on each", ge=1)
     cpu_offload: bool = option(
         False, "sharded runs: keep the sharded weights and optimizer state in CPU memory"
+    )
+    logger: LoggerConfig = option(
+        doc="experiment trackers: logger=tensorboard, wandb, mlflow, several as [a,b], or none",
+        factory=LoggerConfig,
     )
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from finetune.samples import Sampler, sample_prompts
 from finetune.schedule import lr_schedule, total_steps, warn_if_data_runs_out
 from finetune.sweep import job_prefix
 from finetune.tokenizer import Tokenizer
+from finetune.trackers import open_trackers
 from finetune.training_state import (
     Checkpoints,
     TrainingState,
@@ -267,7 +268,8 @@ def train(
     writes = ranks.writes_files()
     if writes:
         drop_rows_after(metrics_path, state.step)
-    metrics = MetricsLog(metrics_path, total_steps=steps, prefix=job_prefix(), writes=writes)
+    trackers = open_trackers(params) if writes else []
+    metrics = MetricsLog(metrics_path, steps, job_prefix(), writes, trackers)
 
     checkpoints = Checkpoints(output_dir, recipe, params.keep_last_n)
     sampler = Sampler(
