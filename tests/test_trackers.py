@@ -4,6 +4,7 @@ is one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -86,21 +87,23 @@ def test_tensorboard_gets_every_metrics_row_and_the_parameters(
     assert hparams["dataset.val_split"].number_value == pytest.approx(0.1)
 
 
-def mlflow_runs(store: Path) -> tuple[Any, list]:
+def mlflow_runs(store: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list]:
     """(MLflow's client on the file store `store`, its `finetune` experiment's runs by name)."""
     mlflow = pytest.importorskip("mlflow", reason="pip install 'finetune[mlflow]'")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads one only if told
     client = mlflow.tracking.MlflowClient(store.absolute().as_uri())
     experiment = client.get_experiment_by_name("finetune")
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.run_name"])
 
 
 def test_mlflow_gets_every_metrics_row_and_the_parameters(
-    small_checkpoint: Path, tmp_path: Path
+    small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("mlflow", reason="pip install 'finetune[mlflow]'")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # the tracker allows its own
     full.run(small_params(small_checkpoint, tmp_path, *RUN, "logger=mlflow"))
 
-    client, runs = mlflow_runs(tmp_path / "mlruns")
+    client, runs = mlflow_runs(tmp_path / "mlruns", monkeypatch)
     (run,) = runs
     assert run.info.run_name == tmp_path.name
     assert run.info.status == "FINISHED"
@@ -112,37 +115,59 @@ def test_mlflow_gets_every_metrics_row_and_the_parameters(
         assert sorted((m.step, m.value) for m in history) == logged(tmp_path, key)
 
 
+def wandb_records(path: Path) -> list[bytes]:
+    """The records of an offline run's `.wandb` file. wandb 0.31 ships no Python reader of it
+    (its Go core reads it), so the framing is read here: a 7-byte file header, then 32 KiB blocks
+    of records, each with a 7-byte header (CRC, length, type: 1 whole, 2-4 first/middle/last
+    part); the records themselves are decoded by wandb's own protobuf classes."""
+    data = path.read_bytes()
+    assert data[:7] == b":W&B\xe1\xbe\x00"
+    block, pos, records, parts = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        parts += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(parts)
+            parts = b""
+    return records
+
+
+def wandb_items(items: Any) -> dict[str, Any]:
+    """{key: value} of a history or config record's items (a key is `key` or `nested_key`)."""
+    return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
 def test_wandb_offline_gets_every_metrics_row_and_the_parameters(
     small_checkpoint: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("wandb", reason="pip install 'finetune[wandb]'")
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
     full.run(small_params(small_checkpoint, tmp_path, *RUN, "logger=wandb"))
 
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    store = datastore.DataStore()
-    store.open_for_scan(str(run_file))
     history: list[dict] = []
     config: dict = {}
-    while (data := store.scan_data()) is not None:
+    for data in wandb_records(run_file):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
         if record.HasField("history"):
-            history.append({item.key: item.value_json for item in record.history.item})
-        elif record.HasField("config"):
-            config |= {item.key: item.value_json for item in record.config.update}
-    steps = [int(row["_step"]) for row in history if "loss" in row]
-    assert steps == [step for step, _ in logged(tmp_path, "loss")]
-    losses = [float(row["loss"]) for row in history if "loss" in row]
-    assert losses == [value for _, value in logged(tmp_path, "loss")]
-    assert [int(row["_step"]) for row in history if "val_loss" in row] == [2, 4]
-    assert '"value": 0.001' in config["lr"] or config["lr"] == "0.001"
+            history.append(wandb_items(record.history.item))
+        elif record.HasField("run"):
+            config |= wandb_items(record.run.config.update)
+    for key in ("loss", "lr", "val_loss"):
+        rows = [(row["_step"], row[key]) for row in history if key in row]
+        assert rows == logged(tmp_path, key)
+    assert config["lr"] == 1e-3 and config["lr_schedule"] == "cosine"
+    assert config["dataset.val_split"] == 0.1
 
 
 def test_a_sweep_is_one_tracker_run_per_job_grouped_by_the_sweep(
-    small_checkpoint: Path, tmp_path: Path
+    small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("tensorboard", reason="pip install 'finetune[tensorboard]'")
     pytest.importorskip("mlflow", reason="pip install 'finetune[mlflow]'")
@@ -161,7 +186,7 @@ def test_a_sweep_is_one_tracker_run_per_job_grouped_by_the_sweep(
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
-    _, runs = mlflow_runs(sweep_dir / "mlruns")
+    _, runs = mlflow_runs(sweep_dir / "mlruns", monkeypatch)
     assert [run.info.run_name for run in runs] == ["job 0", "job 1"]
     assert {run.data.tags["sweep"] for run in runs} == {str(sweep_dir)}
     assert [run.data.params["lr"] for run in runs] == ["0.001", "0.002"]

@@ -110,7 +110,8 @@ class WandbTracker:
             group=identity.sweep,
             config=hyperparameters(params),
             reinit="create_new",  # a sweep's jobs run one after another in one process
-            settings=wandb.Settings(silent=True),
+            # Its console capture would wrap stdout, which the progress lines already go to.
+            settings=wandb.Settings(silent=True, console="off"),
         )
 
     def log(self, row: dict[str, float]) -> None:
@@ -129,8 +130,13 @@ class MlflowTracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        store = Path(identity.sweep or params.output_dir).absolute() / "mlruns"
-        self.client = MlflowClient(params.logger.mlflow_uri or store.as_uri())
+        uri = params.logger.mlflow_uri
+        if not uri:
+            uri = (Path(identity.sweep or params.output_dir).absolute() / "mlruns").as_uri()
+            # MLflow 3 refuses its file store unless asked for it: a file store needs no server
+            # and no database, and `mlflow ui --backend-store-uri` reads it.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(uri)
         experiment = self.client.get_experiment_by_name(params.logger.project)
         experiment_id = (
             experiment.experiment_id
