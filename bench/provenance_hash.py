@@ -82,7 +82,7 @@ def main() -> None:
                 )
         print(f"{weights.stat().st_size:,} bytes, {torch.get_num_threads()} threads")
         print(f"sha256 after the load: {100 * statistics.median(hash_share):.1f} % of the load")
-        print(f"sha256 in a thread during it: +{100 * statistics.median(thread_cost):.1f} %")
+        print(f"sha256 in a thread during it: {100 * statistics.median(thread_cost):+.1f} %")
 
 
 if __name__ == "__main__":
