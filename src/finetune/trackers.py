@@ -137,17 +137,23 @@ class MlflowTracker:
             # and no database, and `mlflow ui --backend-store-uri` reads it.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(uri)
-        experiment = self.client.get_experiment_by_name(params.logger.project)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else self.client.create_experiment(params.logger.project)
-        )
+        experiment_id = self.experiment_id(params.logger.project)
         tags = {"sweep": identity.sweep} if identity.sweep else {}
         run = self.client.create_run(experiment_id, run_name=identity.name, tags=tags)
         self.run_id = run.info.run_id
         hparams = [Param(key, str(value)) for key, value in hyperparameters(params).items()]
         self.client.log_batch(self.run_id, params=hparams)
+
+    def experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # a sweep job running in parallel created it first
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def log(self, row: dict[str, float]) -> None:
         from mlflow.entities import Metric
