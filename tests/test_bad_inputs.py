@@ -209,6 +209,20 @@ def cases(ckpt: Path) -> list[Case]:
             "sample_prompts: needs the prompts left out of the loss, which tells them from the "
             "answers; set dataset.train_on_input=false or sample_prompts=0",
         ),
+        Case(
+            "unknown_lr_schedule",
+            ("lr_schedule=step",),
+            "lr_schedule: unknown lr_schedule 'step'; expected one of: cosine, linear, constant",
+        ),
+        Case(
+            "min_lr_ratio_of_one", ("min_lr_ratio=1",), "min_lr_ratio: must be in [0, 1), got 1.0"
+        ),
+        Case(
+            "floor_of_a_constant_schedule",
+            ("lr_schedule=constant", "min_lr_ratio=0.1"),
+            "min_lr_ratio: a constant schedule does not decay; set lr_schedule=cosine or linear, "
+            "or leave min_lr_ratio out",
+        ),
         Case("lora_rank_zero", ("recipe=lora", "lora.rank=0"), "lora.rank: must be >= 1, got 0"),
         Case(
             "lora_target",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -250,13 +251,64 @@ class CheckpointParams:
         require_file(self.tokenizer, "tokenizer", suffixes=TOKENIZER_SUFFIXES)
 
 
+# The learning rate's course after the warmup (schedule.lr_multiplier).
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+# The experiment trackers: each is a `logger.<name>` switch, set by conf/logger/<name>.yaml, and
+# the package that `pip install 'finetune[<name>]'` installs for it.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers that receive what metrics.jsonl gets (`logger=tensorboard`, or several:
+    `logger=[tensorboard,mlflow]`), and the run's parameters as hyperparameters."""
+
+    tensorboard: bool = option(False, "TensorBoard event files in <run dir>/tensorboard")
+    wandb: bool = option(False, "Weights & Biases, offline: <run dir>/wandb, for `wandb sync`")
+    mlflow: bool = option(False, "MLflow: a run in mlflow_uri's store")
+    project: str = option("finetune", "the W&B project and the MLflow experiment")
+    mlflow_uri: str = option(
+        "", "MLflow tracking URI; empty: a file store in the sweep's or the run's mlruns/"
+    )
+
+    def __post_init__(self) -> None:
+        for name, package in TRACKER_PACKAGES.items():
+            if getattr(self, name) and not is_installed(package):
+                raise ConfigError(
+                    "logger", f"{name} needs its package: pip install 'finetune[{name}]'"
+                )
+
+    @property
+    def chosen(self) -> list[str]:
+        return [name for name in TRACKER_PACKAGES if getattr(self, name)]
+
+
+def is_installed(package: str) -> bool:
+    """Whether `package` can be imported, told without importing it (the CLI stays fast)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # in sys.modules as None: imports of it are blocked
+        return False
+
+
 @dataclass
 class FullFinetuneParams(CheckpointParams):
     """Full fine-tuning: every weight of the model is trained."""
 
     dataset: DatasetConfig = option(doc="training data", factory=DatasetConfig)
     lr: float = option(2e-5, "peak learning rate, reached after the warmup", gt=0)
-    warmup_steps: int = option(0, "optimizer steps of linear warmup before the cosine decay", ge=0)
+    warmup_steps: int = option(0, "optimizer steps of linear warmup from 0 to lr", ge=0)
+    lr_schedule: str = option(
+        "cosine",
+        "after the warmup: cosine or linear decay to lr x min_lr_ratio at the last step, or "
+        "constant at lr",
+        choices=LR_SCHEDULES,
+    )
+    min_lr_ratio: float = option(
+        0.0, "where the decay ends, as a fraction of lr (cosine and linear)", ge=0, lt=1
+    )
     weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only", ge=0)
     max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 disables clipping", ge=0)
     batch_size: int = option(4, "sequences per micro-batch", ge=1)
@@ -323,6 +375,10 @@ class FullFinetuneParams(CheckpointParams):
     cpu_offload: bool = option(
         False, "sharded runs: keep the sharded weights and optimizer state in CPU memory"
     )
+    logger: LoggerConfig = option(
+        doc="experiment trackers: logger=tensorboard, wandb, mlflow, several as [a,b], or none",
+        factory=LoggerConfig,
+    )
 
     def __post_init__(self) -> None:
         self._absolute_paths()
@@ -331,6 +387,12 @@ class FullFinetuneParams(CheckpointParams):
         check_bounds(self)
         if self.resume and self.resume.lower() not in RESUME_WORDS:
             require_dir(self.resume, "resume")
+        if self.lr_schedule == "constant" and self.min_lr_ratio:
+            raise ConfigError(
+                "min_lr_ratio",
+                "a constant schedule does not decay; set lr_schedule=cosine or linear, or leave "
+                "min_lr_ratio out",
+            )
         for key in ("eval_every_n_steps", "early_stopping_patience"):
             if getattr(self, key) and not self.dataset.has_validation:
                 raise ConfigError(

@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from matplotlib.figure import Figure
     from tqdm import tqdm
+
+    from finetune.trackers import Tracker
 
 
 class MetricsLog:
@@ -21,7 +26,14 @@ class MetricsLog:
     step, after a `training started` line, so a harness can time a run from its output.
     """
 
-    def __init__(self, path: Path, total_steps: int, prefix: str = "", writes: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        total_steps: int,
+        prefix: str = "",
+        writes: bool = True,
+        trackers: Sequence[Tracker] = (),
+    ) -> None:
         self.path = path
         self.total_steps = total_steps
         self.prefix = prefix  # e.g. "[job 2] ": parallel sweep jobs share one console
@@ -30,6 +42,7 @@ class MetricsLog:
         self.rows: list[dict] = []  # this run's training rows, for a process that writes no file
         self.file = path.open("a", encoding="utf-8") if writes else open(os.devnull, "w")  # noqa: SIM115
         self.bar: tqdm | None = None
+        self.trackers = trackers  # experiment trackers, sent every row the file gets
         self.started = self.last_write = 0.0
 
     def start(self, elapsed_before: float = 0.0) -> None:
@@ -66,8 +79,7 @@ class MetricsLog:
             "tokens_per_s": round(tokens_per_s, 1),
             "elapsed_s": round(now - self.started, 3),
         }
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self.record(row)
         self.rows.append(row)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
@@ -95,12 +107,17 @@ class MetricsLog:
             "val_perplexity": val_perplexity,
             "elapsed_s": round(now - self.started, 3),
         }
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self.record(row)
         self.say(
             f"eval step {step}/{self.total_steps} val_loss {val_loss:.4f} "
             f"val_ppl {val_perplexity:.2f}"
         )
+
+    def record(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
 
     def say(self, line: str) -> None:
         """A line of progress that is not a training step's, above the bar on a terminal."""
@@ -113,6 +130,8 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.close()
         self.file.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def perplexity(loss: float) -> float:
@@ -175,12 +194,15 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+    metrics_figure(read_metrics(metrics_path)).savefig(png_path, dpi=100)
+
+
+def metrics_figure(all_rows: list[dict]) -> Figure:
     """Loss (left axis; validation loss too, if any) and learning rate (right axis) by step."""
     # Figure without pyplot: no GUI backend is chosen, so it works on any headless machine.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    all_rows = read_metrics(metrics_path)
     # Training and validation rows share the file; a row is one or the other.
     rows = [r for r in all_rows if "loss" in r]
     val_rows = [r for r in all_rows if "val_loss" in r]
@@ -209,4 +231,4 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     # Below the plot: inside it, the legend would hide curves or the lr axis' scale label.
     fig.legend(loc="outside lower center", ncols=4)
-    fig.savefig(png_path, dpi=100)
+    return fig

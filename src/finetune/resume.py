@@ -12,7 +12,7 @@ from finetune import ranks
 from finetune.config import FullFinetuneParams
 from finetune.errors import UserError
 from finetune.model import Llama
-from finetune.schedule import count, lr_multiplier
+from finetune.schedule import count, lr_schedule
 from finetune.training_state import TrainingState, find_checkpoint, load_checkpoint_state
 
 log = logging.getLogger(__name__)
@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 # What a resumed run cannot change: the data order and the examples of each optimizer step
 # (global_batch_size, seed, ..., max_seq_len), and what the restored optimizer holds (lr,
-# weight_decay) or the schedule's start (warmup). How a step's examples are split into
-# micro-batches and processes may change: 2 processes x batch_size=2 continue as 1 x 4.
+# weight_decay) or the schedule (warmup, its shape and floor). How a step's examples are split
+# into micro-batches and processes may change: 2 processes x batch_size=2 continue as 1 x 4.
 RESUME_SETTINGS = (
     "global_batch_size",
     "seed",
@@ -30,7 +30,15 @@ RESUME_SETTINGS = (
     "lr",
     "weight_decay",
     "warmup_steps",
+    "lr_schedule",
+    "min_lr_ratio",
 )
+
+# What checkpoints saved before a setting existed were trained with.
+EARLIER_DEFAULTS: dict[str, float | int | bool | str] = {
+    "lr_schedule": "cosine",
+    "min_lr_ratio": 0.0,
+}
 
 
 EXPLAINED = {"global_batch_size": " (batch_size x gradient_accumulation_steps x processes)"}
@@ -41,7 +49,7 @@ EXPLAINED = {"global_batch_size": " (batch_size x gradient_accumulation_steps x 
 LENGTH_SETTINGS = ("epochs", "max_steps")
 
 
-def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool]:
+def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool | str]:
     settings = {"global_batch_size": global_batch_size(params)}
     return settings | {key: getattr(params, key) for key in RESUME_SETTINGS[1:] + LENGTH_SETTINGS}
 
@@ -69,6 +77,7 @@ def resume(
             f"this one has {n_examples}; resume needs the same data and val_split"
         )
     ours = resume_settings(params)
+    state.settings = EARLIER_DEFAULTS | state.settings
     changed = [key for key in RESUME_SETTINGS if state.settings.get(key, ours[key]) != ours[key]]
     if changed:
         saved = ", ".join(f"{key}={state.settings[key]}" for key in changed)
@@ -99,9 +108,9 @@ def length_change(
     """The log line of a resume that changes the run's length: what changed and the new lr."""
     was = ", ".join(f"{key}={state.settings[key]}" for key in changed)
     now = ", ".join(f"{key}={getattr(params, key)}" for key in changed)
-    lr = params.lr * lr_multiplier(state.step, params.warmup_steps, steps)
+    lr = params.lr * lr_schedule(params, steps)(state.step)
     return (
         f"{now} (the checkpoint's run had {was}): training runs to step {steps}; the learning "
-        f"rate follows the cosine schedule of a {steps}-step run, lr {lr:.3e} at step "
-        f"{state.step + 1}"
+        f"rate follows the {params.lr_schedule} schedule of a {steps}-step run, lr {lr:.3e} at "
+        f"step {state.step + 1}"
     )

@@ -28,6 +28,7 @@ from finetune.meta_format import save_meta
 from finetune.model import Llama, count_parameters
 from finetune.outputs import check_no_finished_run, check_writable, written_by_rank_zero
 from finetune.parallel import prepare_model
+from finetune.provenance import start_hashing
 from finetune.tokenizer import Tokenizer
 from finetune.training_state import check_resume_before_loading, is_resuming
 
@@ -45,6 +46,8 @@ def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list
     if not is_resuming(params.resume):  # a resumed run is meant to replace its model
         check_no_finished_run(Path(params.output_dir))
     check_resume_before_loading(params.resume, Path(params.output_dir))
+    if ranks.writes_files():
+        start_hashing(params)  # for provenance.json, while the data and the model load
     seed_everything(params.seed)
     device = resolve_device(params.device)
     tokenizer = load_tokenizer(params)

@@ -25,12 +25,14 @@ from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
 from finetune.model import Llama
 from finetune.outputs import check_free_space
+from finetune.provenance import device_name, record_provenance
 from finetune.resume import resume, resume_settings
 from finetune.runs import split_validation
 from finetune.samples import Sampler, sample_prompts
-from finetune.schedule import lr_multiplier, total_steps, warn_if_data_runs_out
+from finetune.schedule import lr_schedule, total_steps, warn_if_data_runs_out
 from finetune.sweep import job_prefix
 from finetune.tokenizer import Tokenizer
+from finetune.trackers import open_trackers
 from finetune.training_state import (
     Checkpoints,
     TrainingState,
@@ -256,7 +258,7 @@ def train(
         state = resume(params, recipe, model, optimizer, len(examples), steps)
     # The schedule is a function of the step, not saved: a resumed run rebuilds it at its step,
     # over its own length (which may be longer than the checkpoint's run, see `resume.resume`).
-    schedule = partial(lr_multiplier, warmup_steps=params.warmup_steps, total_steps=steps)
+    schedule = lr_schedule(params, steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=state.step - 1)
     check_no_later_checkpoints(output_dir, state.step)
     check_free_space(model, params, steps, len(checkpoint_dirs(output_dir)), saved_bytes)
@@ -266,7 +268,8 @@ def train(
     writes = ranks.writes_files()
     if writes:
         drop_rows_after(metrics_path, state.step)
-    metrics = MetricsLog(metrics_path, total_steps=steps, prefix=job_prefix(), writes=writes)
+    trackers = open_trackers(params) if writes else []
+    metrics = MetricsLog(metrics_path, steps, job_prefix(), writes, trackers)
 
     checkpoints = Checkpoints(output_dir, recipe, params.keep_last_n)
     sampler = Sampler(
@@ -303,6 +306,7 @@ def train(
     # leaves an earlier run's params.yaml in the same directory as it was.
     if ranks.writes_files():
         (output_dir / "params.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(params)))
+        record_provenance(params, device_name(device))
     model.train()
     metrics.start(elapsed_before=state.elapsed_s)
     if state.rng:

@@ -22,6 +22,7 @@ from finetune.config import DType, EvalParams
 from finetune.data import IGNORE_INDEX, Example, load_dataset, split_examples
 from finetune.inference import load_for_inference
 from finetune.outputs import check_writable
+from finetune.provenance import device_name, record_provenance, start_hashing
 from finetune.runs import load_tokenizer, resolve_device, seed_everything
 from finetune.tokenizer import Tokenizer
 from finetune.training import evaluate
@@ -35,6 +36,7 @@ def run(params: EvalParams) -> float:
     """Write and print the loss of `params.checkpoint` (with `params.adapter`) on the data;
     returns the loss."""
     check_writable(Path(params.output_dir))
+    start_hashing(params)  # for provenance.json, while the data and the model load
     seed_everything(params.seed)
     device = resolve_device(params.device)
     tokenizer = load_tokenizer(params)
@@ -50,6 +52,7 @@ def run(params: EvalParams) -> float:
         "checkpoint": params.checkpoint,
         "adapter": params.adapter or None,
     }
+    record_provenance(params, device_name(device))
     path = Path(params.output_dir) / EVAL_FILE
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(
