@@ -171,7 +171,21 @@ def test_the_token_weighted_loss_is_the_same_packed_or_not(
 @pytest.fixture(scope="module")
 def short_records(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 Alpaca records of 58-107 tokens: two to four to a row of 256."""
-    words = "the quick brown fox jumps over a lazy dog while seven cats watch".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "cats",
+        "watch",
+    ]
     rows = []
     for i in range(40):
         n_words = 3 + (i * 7) % 25
