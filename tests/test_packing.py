@@ -13,21 +13,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from finetune import training
-from finetune.config import LoraConfig
+from finetune.config import FullFinetuneParams, LoraConfig
 from finetune.data import IGNORE_INDEX, Example, collate
 from finetune.lora import apply_lora, lora_modules
 from finetune.model import Llama
 from finetune.packing import PackedRow, pack, packed_rows, packing_order
-from finetune.recipes import full
 from tests.conftest import (
     SMALL_MODEL,
     logged_losses,
     max_abs_diff,
-    metrics_rows,
     small_model,
     small_params,
     write_jsonl,
 )
+from tests.test_qlora import lora_config, needs_torchao, qlora_model
+from tests.test_resume import RECIPES as RESUME_RECIPES
 from tests.test_resume import interrupt_at_step, steps_on_disk
 
 PAD_ID = 0
@@ -45,25 +45,24 @@ def three_sequences() -> list[Example]:
     return [example(9, seed=1), example(14, seed=2, n_prompt=5), example(6, seed=3)]
 
 
-def per_token_losses(model: Llama, examples: list[Example]) -> list[torch.Tensor]:
-    """Each example's summed loss, run unpacked, one at a time."""
+def losses_alone(model: Llama, examples: list[Example]) -> list[torch.Tensor]:
+    """Each example's mean loss per labelled token, run unpacked, one at a time."""
     losses = []
     for e in examples:
         batch = collate([e], PAD_ID)
         assert batch.positions is None
-        losses.append(model(batch.inputs, batch.targets))
+        losses.append(model(batch.inputs, batch.targets) / batch.n_targets)
     return losses
 
 
-def sequence_losses_in_row(model: Llama, row: PackedRow) -> list[torch.Tensor]:
-    """Each sequence's summed loss read from the logits of its part of the packed row."""
+def losses_in_row(model: Llama, row: PackedRow) -> list[torch.Tensor]:
+    """Each sequence's mean loss per labelled token, from the logits of its part of the row."""
     batch = collate([row], PAD_ID)
     logits = model(batch.inputs, positions=batch.positions)[0]
     losses, start = [], 0
     for length in row.lengths:
         end = start + length - 1  # a sequence of n tokens has n - 1 inputs
-        target = batch.targets[0, start:end]
-        losses.append(F.cross_entropy(logits[start:end], target, reduction="sum"))
+        losses.append(F.cross_entropy(logits[start:end], batch.targets[0, start:end]))
         start = end
     return losses
 
@@ -78,26 +77,38 @@ def lora_model() -> Llama:
     return model
 
 
-@pytest.mark.parametrize("build", [small_model, lora_model], ids=["full", "lora"])
+def nf4_qlora_model() -> Llama:
+    return qlora_model(lora_config())
+
+
+@pytest.mark.parametrize(
+    "build",
+    [small_model, lora_model, pytest.param(nf4_qlora_model, marks=needs_torchao)],
+    ids=["full", "lora", "qlora"],
+)
 def test_each_packed_sequence_has_its_unpacked_loss_and_gradients(build: object) -> None:
     model = build()  # type: ignore[operator]
     examples = three_sequences()
     row = pack(examples, max_seq_len=64, order=[0, 1, 2])
     assert len(row) == 1
 
-    alone = per_token_losses(model, examples)
-    in_row = sequence_losses_in_row(model, row[0])
+    alone = losses_alone(model, examples)
+    in_row = losses_in_row(model, row[0])
     for a, b in zip(alone, in_row, strict=True):
         assert abs(float(a.detach()) - float(b.detach())) <= 1e-5
 
-    # The training path: the row's summed loss, and its gradients, are the sequences' sums.
-    sum(alone).backward()
+    # The training path: the row's loss over all its labelled tokens, and its gradients, are
+    # those of the sequences' losses weighted by their labelled tokens.
+    n_targets = [collate([e], PAD_ID).n_targets for e in examples]
+    unpacked = sum(loss * n for loss, n in zip(alone, n_targets, strict=True)) / sum(n_targets)
+    unpacked.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     batch = collate(row, PAD_ID)
-    packed_loss = model(batch.inputs, batch.targets, positions=batch.positions)
-    assert abs(float(packed_loss.detach()) - float(sum(alone).detach())) <= 1e-5
-    packed_loss.backward()
+    assert batch.n_targets == sum(n_targets)
+    packed = model(batch.inputs, batch.targets, positions=batch.positions) / batch.n_targets
+    assert abs(float(packed.detach()) - float(unpacked.detach())) <= 1e-5
+    packed.backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert max_abs_diff(p.grad, expected[name]) <= 1e-5, name
@@ -207,30 +218,38 @@ PACKED_RUN = (
 )
 
 
+# The recipes of test_resume (LoRA with dropout, so that the RNG's state after a resume counts).
+@pytest.mark.parametrize("recipe", list(RESUME_RECIPES))
 def test_a_packed_run_trains_on_rows_and_resumes_bit_for_bit(
-    small_checkpoint: Path, short_records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    recipe: str,
+    small_checkpoint: Path,
+    short_records: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def params(out: Path, *overrides: str) -> object:
-        return small_params(
-            small_checkpoint, out, f"dataset.path={short_records}", *PACKED_RUN, *overrides
-        )
+    run, overrides, weights_file = RESUME_RECIPES[recipe]
+
+    def params(out: Path, *more: str) -> FullFinetuneParams:
+        data = f"dataset.path={short_records}"
+        return small_params(small_checkpoint, out, data, *PACKED_RUN, *overrides, *more)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    full.run(params(straight))
+    run(params(straight))
     with monkeypatch.context() as patch:
         interrupt_at_step(patch, 4)
         with pytest.raises(KeyboardInterrupt):
-            full.run(params(resumed))
-    full.run(params(resumed, "resume=true"))
+            run(params(resumed))
+    run(params(resumed, "resume=true"))
 
     assert logged_losses(resumed) == logged_losses(straight)
     assert [step for step, _ in logged_losses(straight)] == [1, 2, 3, 4, 5, 6]
-    expected = load_file(straight / "model/model.safetensors")
-    actual = load_file(resumed / "model/model.safetensors")
+    expected, actual = load_file(straight / weights_file), load_file(resumed / weights_file)
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
-    # The position is counted in rows: 40 examples make 13 to 20 rows of 256 tokens.
+    # The position is counted in rows: 40 examples make 13 to 20 rows of 256 tokens, 4 or 5
+    # steps' worth, so the 6 steps cross into the second epoch.
     last = resumed / "checkpoints" / steps_on_disk(resumed)[-1]
     state = json.loads((last / "training.json").read_text())["training"]
     assert 13 <= state["n_examples"] <= 20
-    losses = [row["loss"] for row in metrics_rows(straight) if "loss" in row]
+    assert state["epoch"] == 1
+    losses = [loss for _, loss in logged_losses(straight)]
     assert losses[-1] < losses[0]
