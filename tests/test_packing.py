@@ -18,6 +18,7 @@ from finetune.data import IGNORE_INDEX, Example, collate
 from finetune.lora import apply_lora, lora_modules
 from finetune.model import Llama
 from finetune.packing import PackedRow, pack, packed_rows, packing_order
+from finetune.recipes import full
 from tests.conftest import (
     SMALL_MODEL,
     logged_losses,
@@ -25,6 +26,13 @@ from tests.conftest import (
     small_model,
     small_params,
     write_jsonl,
+)
+from tests.test_distributed import (
+    MODEL,
+    assert_same_losses,
+    assert_same_tensors,
+    one_process,
+    two_processes,
 )
 from tests.test_qlora import lora_config, needs_torchao, qlora_model
 from tests.test_resume import RECIPES as RESUME_RECIPES
@@ -253,3 +261,40 @@ def test_a_packed_run_trains_on_rows_and_resumes_bit_for_bit(
     assert state["epoch"] == 1
     losses = [loss for _, loss in logged_losses(straight)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_a_packed_run_compiled_and_checkpointed_gives_the_eager_losses(
+    small_checkpoint: Path, short_records: Path, tmp_path: Path
+) -> None:
+    # ~30 s, most of it compiling: the mask and per-row rotary angles inside compiled,
+    # checkpointed blocks.
+    def losses(out: Path, *overrides: str) -> list[float]:
+        params = small_params(
+            small_checkpoint,
+            out,
+            f"dataset.path={short_records}",
+            *PACKED_RUN,
+            "max_steps=3",
+            "save_every_n_steps=0",
+            *overrides,
+        )
+        full.run(params)
+        return [loss for _, loss in logged_losses(out)]
+
+    eager = losses(tmp_path / "eager")
+    compiled = losses(tmp_path / "compiled", "compile=true", "activation_checkpointing=true")
+    assert len(eager) == 3
+    assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_packed_run_on_two_processes_trains_as_one(
+    small_checkpoint: Path, short_records: Path, tmp_path: Path
+) -> None:
+    # Each process takes its own rows of every step (ranks.this_rank), as it takes examples.
+    run = (f"dataset.path={short_records}", *PACKED_RUN, "save_every_n_steps=0", "max_steps=4")
+    one = one_process(small_checkpoint, tmp_path / "one", *run, "lr=1e-4")
+    two = two_processes(small_checkpoint, tmp_path / "two", *run, "lr=1e-4")
+    assert_same_losses(two, one)
+    assert_same_tensors(two / MODEL, one / MODEL)
