@@ -155,11 +155,17 @@ def test_a_sequence_sees_nothing_of_the_others_in_its_row() -> None:
 
 
 def test_packing_is_greedy_in_a_seeded_order_and_keeps_every_example() -> None:
-    examples = [Example([1] * n, [1] * n) for n in (5, 4, 3, 6, 2, 8)]
+    examples = [Example([1] * n, [1] * n) for n in (6, 5, 3, 4, 2, 8)]
     rows = pack(examples, max_seq_len=9, order=[0, 1, 2, 3, 4, 5])
-    # 5+4 fill a row; 3+6; 2 (8 does not fit after it); 8.
-    assert [r.lengths for r in rows] == [[5, 4], [3, 6], [2], [8]]
+    # 3 goes after 6 (room 3), not after 5 (room 4), which then takes 4; 2 fits nowhere left.
+    assert [r.lengths for r in rows] == [[6, 3], [5, 4], [2], [8]]
     assert all(len(r.tokens) == len(r.labels) <= 9 for r in rows)
+    assert [r.lengths for r in pack(examples, 9, order=[5, 4, 3, 2, 1, 0])] == [
+        [8],
+        [2, 4, 3],
+        [5],
+        [6],
+    ]
 
     assert packing_order(6, shuffle=False, seed=3) == [0, 1, 2, 3, 4, 5]
     shuffled = packing_order(6, shuffle=True, seed=3)
@@ -168,6 +174,7 @@ def test_packing_is_greedy_in_a_seeded_order_and_keeps_every_example() -> None:
     assert packing_order(6, shuffle=True, seed=4) != shuffled
     rows = packed_rows(examples, 9, shuffle=True, seed=3)
     assert sorted(n for r in rows for n in r.lengths) == [2, 3, 4, 5, 6, 8]
+    assert rows[0].tokens == [1] * sum(rows[0].lengths)
 
 
 def test_the_token_weighted_loss_is_the_same_packed_or_not(
