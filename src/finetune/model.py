@@ -53,7 +53,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate (batch, heads, seq, head_dim) by position: pairs are (i, i + head_dim/2). cos and
     sin are (seq, head_dim), or (batch, 1, seq, head_dim) where each row has its own positions."""
     first, second = x.chunk(2, dim=-1)
-    # The rotated pairs are (-second, first): the sign goes on the small cos/sin-sized sin,
+    # The rotated pairs are (-second, first): the sign goes on sin (small: no heads dimension),
     # which gives the same products without negating the whole tensor (and its gradient).
     sin_first, sin_second = sin.to(x.dtype).chunk(2, dim=-1)
     signed_sin = torch.cat([-sin_first, sin_second], dim=-1)
@@ -292,7 +292,8 @@ class Llama(nn.Module):
         cos, sin = rotary_cos_sin(self.cfg, tokens.shape[1], tokens.device)
         mask = None
         if positions is not None:
-            # Rows of each one's own angles, the same fp32 values as an unpacked sequence's.
+            # Each row's own angles, broadcast over the heads: the fp32 values of the same
+            # positions in an unpacked sequence.
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
             mask = packed_causal_mask(positions)
         x = self.embed_tokens(tokens)
