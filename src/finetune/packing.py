@@ -44,8 +44,9 @@ def pack(examples: list[Example], max_seq_len: int, order: list[int]) -> list[Pa
     it to max_seq_len), so each is in exactly one row.
 
     Best rather than next fit: a row is not closed by the first example that overflows it, so
-    the gaps that long examples leave are filled by later short ones (on the bench's Alpaca-like
-    data, rows of 400 tokens are 94 % full instead of 79 %)."""
+    the gaps that long examples leave are filled by later short ones (on the bench's alpaca
+    workload, rows of 400 tokens: 6 % of the tokens computed in the first 30 steps are padding,
+    against 21 % packed next fit)."""
     rows: list[list[Example]] = []
     rooms: list[tuple[int, int]] = []  # (tokens left, row index) of the rows with room, sorted
     for index in order:
