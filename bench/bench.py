@@ -4,12 +4,14 @@
     python bench/bench.py --models medium --dtypes bf16 --recipes lora,qlora --steps 8
     python bench/bench.py --models medium --recipes full --procs 1,2   # 1 x 2 threads, 2 x 1
     python bench/bench.py --workload alpaca --models medium --steps 12  # variable-length batches
+    python bench/bench.py --workload alpaca --models medium --packed false,true --steps 30
 
 Each configuration is one `python -m finetune` process. From the times at which its progress
 lines arrive the script derives:
   start-up       launch -> the first optimizer step done (imports, loading, data, first step)
   step           median time of the steady-state steps (the first two are left out)
-  tokens/s       padded tokens per second in the steady state (every sequence is max_seq_len)
+  tokens/s       tokens computed per second in the steady state, padding included
+  real tok/s     tokens of the data per second (padding left out): the useful rate
   GFLOP/s        model FLOPs per second (see `flops_per_token`), and as a share of this machine's
                  measured `torch.mm` rate in the same dtype
   peak RSS       the process's maximum resident memory
@@ -20,6 +22,10 @@ padding; `alpaca` draws each record's length uniformly from 100-400 tokens (seed
 are padded to their longest sequence as real data are: every step has a new sequence length.
 There the transformer's FLOPs count the padded tokens (they are computed), the output layer's
 only the labelled ones (the chunked loss skips the rest), from the steps actually timed.
+`--packed true` trains with `dataset.packed=true`: rows of max_seq_len (400) tokens, each holding
+several records, so that little is padding; the alpaca workload then prints, for each setting,
+the real and computed (padded) tokens of the run's first `--steps` steps, from the batches the
+run makes (finetune's own tokenizing, packing and collate).
 `lora` runs with the config's default adapters (`LoraConfig`: rank 8 on q/k/v/o_proj).
 `--procs 2` runs each configuration sharded over 2 processes (`nproc_per_node=2`, FSDP2) of
 cores/2 threads each, batch_size halved so that a step trains on the same sequences; its peak RSS
@@ -43,11 +49,12 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import ASSETS_DIR, LoraConfig, ModelConfig, model_preset
-from finetune.data import tokenize_alpaca
+from finetune.config import ASSETS_DIR, DatasetConfig, LoraConfig, ModelConfig, model_preset
+from finetune.data import Batch, collate, load_dataset, tokenize_alpaca
 from finetune.hf_format import save_hf
 from finetune.lora import apply_lora
 from finetune.model import Llama
+from finetune.packing import packed_rows
 from finetune.tokenizer import Tokenizer
 
 TINY_DIR = ASSETS_DIR / "tiny"
@@ -238,16 +245,36 @@ def flops_per_token_parts(cfg: ModelConfig, seq_len: int, recipe: str) -> tuple[
     return body + attention, head
 
 
-def alpaca_step_flops(cfg: ModelConfig, recipe: str, lengths: list[int], steps: range) -> float:
-    """FLOPs of the given optimizer `steps` over the alpaca records of `lengths` in file order:
-    the transformer on every padded position, the output layer on the labelled ones."""
+def alpaca_step_flops(cfg: ModelConfig, recipe: str, batches: list[Batch], steps: range) -> float:
+    """FLOPs of the given optimizer `steps` (1-based) of `batches`: the transformer on every
+    padded position, the output layer on the labelled ones."""
     total = 0.0
     for step in steps:
-        batch = [n - 1 for n in lengths[(step - 1) * BATCH_SIZE : step * BATCH_SIZE]]
-        padded = max(batch)
-        body, head = flops_per_token_parts(cfg, padded, recipe)
-        total += body * padded * len(batch) + head * sum(batch)
+        rows, length = batches[step - 1].inputs.shape
+        body, head = flops_per_token_parts(cfg, length, recipe)
+        total += body * rows * length + head * batches[step - 1].n_targets
     return total
+
+
+def run_batches(data: Path, tokenizer: Path, seq_len: int, packed: bool, steps: int) -> list[Batch]:
+    """The first `steps` batches a run of `run_recipe` trains on (file order, BATCH_SIZE rows),
+    made as it makes them."""
+    cfg = DatasetConfig(path=str(data), train_on_input=True, cache=False)
+    tokens = Tokenizer(tokenizer)
+    examples = load_dataset(cfg, tokens, seq_len)
+    if packed:
+        examples = packed_rows(examples, seq_len, shuffle=False, seed=0)
+    starts = range(0, min(steps * BATCH_SIZE, len(examples)), BATCH_SIZE)
+    return [collate(examples[i : i + BATCH_SIZE], tokens.pad_id) for i in starts]
+
+
+def padding_line(batches: list[Batch], packed: bool) -> str:
+    real = sum(b.n_tokens for b in batches)
+    computed = sum(b.inputs.numel() for b in batches)
+    return (
+        f"packed={str(packed).lower()}: steps 1-{len(batches)} compute {computed:,} tokens for "
+        f"{real:,} real ones: {1 - real / computed:.1%} padding"
+    )
 
 
 def meta_model(cfg: ModelConfig) -> Llama:
@@ -277,6 +304,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--procs", default="1", help="processes per run, e.g. 1,2")
     parser.add_argument("--workload", default="long", choices=["long", "alpaca"])
+    parser.add_argument("--packed", default="false", help="dataset.packed: false, true or both")
     args = parser.parse_args()
     unknown = set(args.recipes.split(",")) - set(RECIPES)
     if unknown:
@@ -297,53 +325,62 @@ def main() -> None:
         f"workload: batch {BATCH_SIZE} x {shape}, {args.steps} steps; "
         f"lora: rank {lora.rank} on {','.join(lora.targets)}"
     )
-    header = f"{'model':<8}{'recipe':<7}{'dtype':<6}{'procs':>6}{'start-up s':>11}{'step s':>9}"
-    header += f"{'tokens/s':>10}"
+    header = f"{'model':<8}{'recipe':<7}{'dtype':<6}{'packed':>7}{'procs':>6}{'start-up s':>11}"
+    header += f"{'step s':>9}{'tokens/s':>10}{'real tok/s':>11}"
     print(header + f"{'GFLOP/s':>9}{'of mm':>7}{'peak RSS MB':>13}")
+    packings = [value == "true" for value in args.packed.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        n_records = BATCH_SIZE * (args.steps + 1)
+        # A packed row of the alpaca workload holds ~1.5 records: enough for every step.
+        n_records = BATCH_SIZE * (args.steps + 1) * (2 if any(packings) else 1)
         checkpoints = {"tiny": (TINY, TINY_DIR)}
         if "medium" in args.models:
             checkpoints["medium"] = (MEDIUM, medium_checkpoint(work))
         for name in args.models.split(","):
             cfg, ckpt = checkpoints[name]
-            seq_len, lengths = SEQ_LEN, []
+            seq_len, batches = SEQ_LEN, {}
             if args.workload == "alpaca":
                 data = work / f"alpaca-{name}.jsonl"
                 tokenizer = ckpt / "tokenizer.model"
-                lengths = alpaca_records(data, n_records, tokenizer)
+                alpaca_records(data, n_records, tokenizer)
                 seq_len = ALPACA_LENGTHS[1]
+                for packed in packings:
+                    batches[packed] = run_batches(data, tokenizer, seq_len, packed, args.steps)
+                    print(padding_line(batches[packed], packed))
             else:
                 data = long_records(work / "long.jsonl", n_records)
             model_args = [f"model.{f}={getattr(cfg, f)}" for f in cfg.__dataclass_fields__]
             runs = itertools.product(
-                args.recipes.split(","), args.dtypes.split(","), map(int, args.procs.split(","))
+                args.recipes.split(","),
+                args.dtypes.split(","),
+                packings,
+                map(int, args.procs.split(",")),
             )
-            for recipe, dtype, procs in runs:
+            for recipe, dtype, packed, procs in runs:
                 overrides = [
                     *RECIPES[recipe],
                     *model_args,
                     f"checkpoint={ckpt}",
                     f"dataset.path={data}",
                     f"dtype={dtype}",
+                    f"dataset.packed={str(packed).lower()}",
                 ]
-                run_dir = work / f"{name}-{recipe}-{dtype}-{procs}"
+                run_dir = work / f"{name}-{recipe}-{dtype}-{packed}-{procs}"
                 r = run_recipe(overrides, args.steps, run_dir, procs, seq_len)
                 timed = timed_steps(args.steps)
-                if lengths:
-                    padded = [
-                        max(lengths[(s - 1) * BATCH_SIZE : s * BATCH_SIZE]) - 1 for s in timed
-                    ]
-                    tokens = BATCH_SIZE * statistics.mean(padded)
-                    gflops = alpaca_step_flops(cfg, recipe, lengths, timed) / r.steady_s / 1e9
+                if batches:
+                    steady = [batches[packed][s - 1] for s in timed]
+                    computed = sum(b.inputs.numel() for b in steady) / r.steady_s
+                    real = sum(b.n_tokens for b in steady) / r.steady_s
+                    flops = alpaca_step_flops(cfg, recipe, batches[packed], timed)
+                    gflops = flops / r.steady_s / 1e9
                 else:
-                    tokens = BATCH_SIZE * (SEQ_LEN - 1)
-                    gflops = flops_per_token(cfg, SEQ_LEN - 1, recipe) * tokens / r.step_s / 1e9
+                    computed = real = BATCH_SIZE * (SEQ_LEN - 1) / r.step_s
+                    gflops = flops_per_token(cfg, SEQ_LEN - 1, recipe) * computed / 1e9
                 print(
-                    f"{name:<8}{recipe:<7}{dtype:<6}{procs:>6}{r.startup_s:>11.2f}{r.step_s:>9.3f}"
-                    f"{tokens / r.step_s:>10.0f}{gflops:>9.1f}{gflops / mm[dtype]:>7.0%}"
-                    f"{r.peak_rss_mb:>13.0f}"
+                    f"{name:<8}{recipe:<7}{dtype:<6}{str(packed).lower():>7}{procs:>6}"
+                    f"{r.startup_s:>11.2f}{r.step_s:>9.3f}{computed:>10.0f}{real:>11.0f}"
+                    f"{gflops:>9.1f}{gflops / mm[dtype]:>7.0%}{r.peak_rss_mb:>13.0f}"
                 )
 
 

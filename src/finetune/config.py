@@ -178,6 +178,11 @@ class DatasetConfig:
         "keep tokenized data in $FINETUNE_CACHE (default ~/.cache/finetune/tokenized) and reuse "
         "it while data, tokenizer and settings are unchanged",
     )
+    packed: bool = option(
+        False,
+        "train on rows of max_seq_len tokens that each hold several examples, end to end, each "
+        "attending only to itself: less padding computed; batch_size then counts rows",
+    )
 
     def __post_init__(self) -> None:
         self.path, self.val_path = absolute_path(self.path), absolute_path(self.val_path)

@@ -42,12 +42,20 @@ class Example:
     tokens: list[int]
     labels: list[int]  # the token where it is trained on, IGNORE_INDEX elsewhere
 
+    def sequences(self) -> list[Example]:
+        """The sequences this example holds, each trained on as if alone: itself (a packed row,
+        `packing.PackedRow`, holds several)."""
+        return [self]
+
 
 @dataclass
 class Batch:
     inputs: torch.Tensor  # (batch, seq) token ids
     targets: torch.Tensor  # (batch, seq) the next token of each position, or IGNORE_INDEX
     n_tokens: int  # input tokens that are not padding
+    # (batch, seq) each token's position in its own sequence, restarting at 0 with each sequence
+    # of a packed row, which attends only to itself; None: one sequence per row (0, 1, 2, ...).
+    positions: torch.Tensor | None = None
 
     @property
     def n_targets(self) -> int:
@@ -333,17 +341,32 @@ def split_examples(
 
 
 def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> Batch:
-    """Right-pad to the longest sequence, its length rounded up to `pad_to_multiple_of`; each
-    position's target is the next token's label."""
-    longest = max(len(e.tokens) for e in examples) - 1
-    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    """Right-pad to the longest row, its length rounded up to `pad_to_multiple_of`; each
+    position's target is the next token's label.
+
+    The sequences of a packed row are shifted one by one, so that no target crosses from one
+    sequence to the next (nothing predicts a sequence's BOS), and their positions restart at 0:
+    the model reads the sequences' boundaries from them. The padding after a packed row's last
+    sequence is positioned as a sequence of its own, which no real token attends to.
+    """
+    rows = [[(s.tokens[:-1], s.labels[1:]) for s in e.sequences()] for e in examples]
+    row_lengths = [sum(len(inputs) for inputs, _ in row) for row in rows]
+    length = -(-max(row_lengths) // pad_to_multiple_of) * pad_to_multiple_of
     inputs = torch.full((len(examples), length), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.tokens) - 1
-        inputs[row, :n] = torch.tensor(e.tokens[:-1])
-        targets[row, :n] = torch.tensor(e.labels[1:])
-    return Batch(inputs, targets, n_tokens=sum(len(e.tokens) - 1 for e in examples))
+    positions = torch.arange(length).repeat(len(examples), 1)
+    for r, row in enumerate(rows):
+        start = 0
+        for sequence_inputs, sequence_targets in row:
+            end = start + len(sequence_inputs)
+            inputs[r, start:end] = torch.tensor(sequence_inputs)
+            targets[r, start:end] = torch.tensor(sequence_targets)
+            positions[r, start:end] = torch.arange(end - start)
+            start = end
+        positions[r, start:] = torch.arange(length - start)
+    # Rows of one sequence each need no positions: the plain causal mask is theirs.
+    packed = any(len(row) > 1 for row in rows)
+    return Batch(inputs, targets, sum(row_lengths), positions if packed else None)
 
 
 def epoch_order(n_examples: int, shuffle: bool, seed: int, epoch: int) -> list[int]:

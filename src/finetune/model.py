@@ -54,10 +54,22 @@ def rotary_cos_sin(
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate (batch, heads, seq, head_dim) by position: pairs are (i, i + head_dim/2); `cos`
-    and `signed_sin` as `rotary_cos_sin` makes them."""
+    and `signed_sin` as `rotary_cos_sin` makes them, (seq, head_dim), or (batch, 1, seq,
+    head_dim) where each row has its own positions."""
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat([second, first], dim=-1)
     return x * cos.to(x.dtype) + rotated * signed_sin.to(x.dtype)
+
+
+def packed_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed rows, (batch, 1, seq, seq), True where a query may attend to a
+    key, from (batch, seq) positions that restart at 0 with each sequence: causal within each
+    sequence, nothing across them."""
+    sequence = (positions == 0).cumsum(dim=1)  # (batch, seq) which sequence of its row
+    same_sequence = sequence.unsqueeze(2) == sequence.unsqueeze(1)
+    seq = positions.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
+    return (same_sequence & causal).unsqueeze(1)
 
 
 class LayerCache(NamedTuple):
@@ -152,7 +164,9 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: LayerCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`mask`: the `packed_causal_mask` of packed rows; None, the causal mask."""
         batch, seq, _ = x.shape
         q, k, v = self.project(x)
         # (batch, heads, seq, head_dim)
@@ -161,9 +175,11 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         enable_gqa = self.n_kv_heads != self.n_heads
-        if cache is None:
+        if cache is None and mask is None:
             # Right padding needs no mask: under the causal mask no real token attends to a pad.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        elif cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
         else:
             k, v = cache.append(k, v)
             out = cached_attention(q, k, v, cache.start, enable_gqa)
@@ -206,13 +222,14 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: LayerCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # Without grad nothing is saved for backward, so there is nothing to recompute.
         if self.checkpoint_activations and torch.is_grad_enabled():
             # Non-reentrant: works with parameters that need no grad (frozen LoRA bases) and
             # restores the RNG state when recomputing, so dropout draws the same masks twice.
-            return checkpoint(self._forward, x, cos, sin, cache, use_reentrant=False)
-        return self._forward(x, cos, sin, cache)
+            return checkpoint(self._forward, x, cos, sin, cache, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, cache, mask)
 
     def _forward(
         self,
@@ -220,8 +237,9 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: LayerCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -249,6 +267,7 @@ class Llama(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(batch, seq) token ids -> (batch, seq, vocab) logits; with `targets`, (batch, seq) token
         ids or IGNORE_INDEX, the summed cross-entropy of the labelled positions instead.
@@ -257,6 +276,8 @@ class Llama(nn.Module):
         positions cache.length onwards, attend to the cached positions too, and are appended to it.
         `last_only` gives only the last position's logits, (batch, 1, vocab): all that generation
         needs, where the output layer over a whole prompt costs as much as several blocks.
+        `positions`, (batch, seq), are those of packed rows (see `hidden_states`); generation
+        never packs, so they take no cache.
 
         The training loss is computed here, inside the model's call, so that hooks on the model
         run on the training path: a forward hook, FSDP's gathering of the root's weights,
@@ -264,11 +285,13 @@ class Llama(nn.Module):
         logits of a whole batch never exist at once (see `loss.chunked_cross_entropy`).
         """
         if cache is None:
-            hidden = self.hidden_states(tokens)
-        elif targets is None:
+            hidden = self.hidden_states(tokens, positions)
+        elif targets is None and positions is None:
             hidden = self.cached_hidden_states(tokens, cache)
         else:
-            raise ValueError("a KV cache is for generation; the training loss takes none")
+            raise ValueError(
+                "a KV cache is for generation; the training loss and packing take none"
+            )
         if targets is None:
             return self.lm_head(hidden[:, -1:] if last_only else hidden)
         weight = self.output_weight()
@@ -278,12 +301,24 @@ class Llama(nn.Module):
             weight = weight.detach()
         return chunked_cross_entropy(hidden, weight, targets)
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) token ids -> (batch, seq, dim) final normalised hidden states."""
+    def hidden_states(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, seq) token ids -> (batch, seq, dim) final normalised hidden states.
+
+        `positions` (batch, seq) lay out packed rows: each sequence's positions restart at 0, and
+        it is rotated by them and attends only to itself, as if it were alone in its row.
+        """
         cos, sin = rotary_cos_sin(self.cfg, tokens.shape[1], tokens.device)
+        mask = None
+        if positions is not None:
+            # Each row's own angles, broadcast over the heads: the fp32 values of the same
+            # positions in an unpacked sequence.
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+            mask = packed_causal_mask(positions)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask=mask)
         return self.norm(x)
 
     def cached_hidden_states(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -25,6 +25,7 @@ from finetune.interrupts import StopRequest, stopped_by_signal
 from finetune.metrics import MetricsLog, drop_rows_after, late_loss, read_metrics
 from finetune.model import Llama
 from finetune.outputs import check_free_space
+from finetune.packing import packed_rows
 from finetune.provenance import device_name, record_provenance
 from finetune.resume import resume, resume_settings
 from finetune.runs import split_validation
@@ -143,7 +144,7 @@ class StepResult:
 
 def next_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Cross-entropy of each labelled token given the tokens before it, summed."""
-    return model(batch.inputs, batch.targets)
+    return model(batch.inputs, batch.targets, positions=batch.positions)
 
 
 def on_device(batch: B, device: torch.device) -> B:
@@ -238,6 +239,9 @@ def train(
     (see `late_loss`): one step's loss is too noisy to compare runs by.
     """
     examples, val_examples = split_validation(examples, params, tokenizer)
+    prompts = sample_prompts(val_examples or examples, params.sample_prompts, params.max_seq_len)
+    if params.dataset.packed:  # from here on an "example" is a row; validation is never packed
+        examples = packed_rows(examples, params.max_seq_len, params.shuffle, params.seed)
     pad_id = tokenizer.pad_id
     device = next(model.parameters()).device
     steps = total_steps(params, len(examples))
@@ -274,7 +278,7 @@ def train(
     checkpoints = Checkpoints(output_dir, recipe, params.keep_last_n)
     sampler = Sampler(
         model,
-        sample_prompts(val_examples or examples, params.sample_prompts, params.max_seq_len),
+        prompts,
         tokenizer,
         output_dir,
         resumed_step=state.step,
