@@ -91,7 +91,9 @@ def next_token(
 ) -> int:
     """The id chosen from one position's (vocab,) logits."""
     if temperature == 0:
-        return int(logits.argmax())
+        # The same index in fp32, which holds every bf16 value exactly: the CPU's fp32 argmax
+        # over a 32,000-token vocabulary is about 3x faster than its bf16 one.
+        return int(logits.float().argmax())
     # Scaled and filtered in fp32: bf16 logits would round small probabilities to ties.
     scaled = logits.float() / temperature
     filtered = filter_top_p(filter_top_k(scaled, top_k), top_p)
