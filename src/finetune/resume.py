@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 
 
 # What a resumed run cannot change: the data order and the examples of each optimizer step
-# (global_batch_size, seed, ..., max_seq_len), and what the restored optimizer holds (lr,
-# weight_decay) or the schedule's start (warmup). How a step's examples are split into
-# micro-batches and processes may change: 2 processes x batch_size=2 continue as 1 x 4.
+# (global_batch_size, seed, ..., max_seq_len), what the restored optimizer holds (lr,
+# weight_decay, the optimizer and its layout) or the schedule's start (warmup). How a step's
+# examples are split into micro-batches and processes may change: 2 processes x batch_size=2
+# continue as 1 x 4.
 RESUME_SETTINGS = (
     "global_batch_size",
     "seed",
@@ -30,6 +31,8 @@ RESUME_SETTINGS = (
     "lr",
     "weight_decay",
     "warmup_steps",
+    "optimizer",
+    "optimizer_in_backward",
 )
 
 
@@ -41,7 +44,7 @@ EXPLAINED = {"global_batch_size": " (batch_size x gradient_accumulation_steps x 
 LENGTH_SETTINGS = ("epochs", "max_steps")
 
 
-def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool]:
+def resume_settings(params: FullFinetuneParams) -> dict[str, float | int | bool | str]:
     settings = {"global_batch_size": global_batch_size(params)}
     return settings | {key: getattr(params, key) for key in RESUME_SETTINGS[1:] + LENGTH_SETTINGS}
 
