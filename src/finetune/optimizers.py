@@ -81,12 +81,19 @@ class OptimizerInBackward(torch.optim.Optimizer):
             for group in groups
             for p in group["params"]
         }
-        shared = [g for optimizer in self.per_weight.values() for g in optimizer.param_groups]
-        super().__init__(shared, {})
+        super().__init__(self._shared_groups(), {})
         self._square_sum = torch.zeros((), dtype=torch.float64)
         self._all_finite = True
-        for p in self.per_weight:
+        for p, optimizer in self.per_weight.items():
             p.register_post_accumulate_grad_hook(self._update)
+            # Loading a checkpoint gives an optimizer new group dicts: share those instead.
+            optimizer.register_load_state_dict_post_hook(self._share_groups_again)
+
+    def _shared_groups(self) -> list[dict]:
+        return [g for optimizer in self.per_weight.values() for g in optimizer.param_groups]
+
+    def _share_groups_again(self, _: torch.optim.Optimizer) -> None:
+        self.param_groups = self._shared_groups()
 
     @torch.no_grad()
     def _update(self, weight: torch.Tensor) -> None:

@@ -339,7 +339,7 @@ def train(
             if state.step >= steps:  # resumed from the last step: nothing left to do
                 break
             step = state.step + 1
-            lr = scheduler.get_last_lr()[0]
+            lr = float(scheduler.get_last_lr()[0])  # a tensor for torchao's optimizers
             result = train_step(model, micro_batches, optimizer, params, device, loss_fn)
             scheduler.step()
             loss = result.loss
