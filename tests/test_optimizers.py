@@ -44,8 +44,12 @@ OPTIMIZERS = {
 
 
 def train_full(checkpoint: Path, out: Path, *overrides: str) -> Path:
-    """A full fine-tuning run of the small model on the sample data, from `checkpoint`."""
-    full.run(small_params(checkpoint, out, *RUN, f"dataset.path={SAMPLE_DATA}", *overrides))
+    """A run of the small model on the sample data, from `checkpoint`: full fine-tuning, or
+    LoRA (without dropout, save_merged kept) when `recipe=lora` is among `overrides`."""
+    run = full.run
+    if "recipe=lora" in overrides:
+        run, overrides = lora.run, (*overrides, "lora.dropout=0")
+    run(small_params(checkpoint, out, *RUN, f"dataset.path={SAMPLE_DATA}", *overrides))
     return out
 
 
@@ -59,12 +63,16 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "setting", ["dtype=fp32", "dtype=bf16", "activation_checkpointing=true", "recipe=lora"]
+)
 def test_optimizer_in_backward_gives_the_weights_of_adamw(
-    dtype: str, small_checkpoint: Path, tmp_path: Path
+    setting: str, small_checkpoint: Path, tmp_path: Path
 ) -> None:
-    """Warmup and cosine decay included: the LR schedule drives every per-weight optimizer."""
-    args = ("max_steps=5", f"dtype={dtype}")
+    """Warmup and cosine decay included: the LR schedule drives every per-weight optimizer.
+    Activation checkpointing recomputes a block's forward in backward, after the blocks above
+    it were updated: the block's own weights are updated only once it is done."""
+    args = ("max_steps=5", setting)
     adamw = train_full(small_checkpoint, tmp_path / "adamw", *args)
     in_backward = train_full(
         small_checkpoint, tmp_path / "in_backward", *args, "optimizer_in_backward=true"
@@ -228,3 +236,16 @@ def test_a_missing_torchao_is_one_line_naming_the_extra(monkeypatch: pytest.Monk
         optimizers.optimizer_class("adamw8bit")
     assert str(caught.value).startswith("optimizer=adamw8bit needs torchao (")
     assert str(caught.value).endswith("): pip install 'finetune[optim]'")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="adamw_offload needs a GPU to offload")
+def test_adamw_offload_trains_as_adamw_on_a_gpu(small_checkpoint: Path, tmp_path: Path) -> None:
+    """The same fused AdamW, on the CPU beside the GPU: the same losses, to the GPU's rounding."""
+    args = ("max_steps=5", "device=cuda")
+    adamw = logged_losses(train_full(small_checkpoint, tmp_path / "adamw", *args))
+    offload_run = train_full(
+        small_checkpoint, tmp_path / "offload", *args, "optimizer=adamw_offload"
+    )
+    offloaded = logged_losses(offload_run)
+    assert [step for step, _ in offloaded] == [1, 2, 3, 4, 5]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(offloaded, adamw, strict=True)) <= 1e-4

@@ -131,6 +131,7 @@ def state_holders(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimize
     """The optimizers whose state a training-state checkpoint saves and loads, by weight name."""
     if isinstance(optimizer, OptimizerInBackward):
         return list(optimizer.per_weight.values())
+    # Known by name: torchao is imported only by the runs that use it.
     if type(optimizer).__name__ == "CPUOffloadOptimizer":
         # Its per-weight optimizers hold CPU copies of the weights, which no weight name maps to.
         raise ConfigError(
