@@ -370,8 +370,8 @@ class FullFinetuneParams(CheckpointParams):
         self._resolve_tokenizer()
 
     def _check_optimizer(self) -> None:
-        """What the optimizer asked for cannot do: each refusal names the setting that needs
-        the whole gradient, or the process count it does not run on."""
+        """Refuse what the chosen optimizer cannot do, naming the setting in its way: one that
+        needs the whole gradient at once, a checkpoint, or more than one process."""
         processes = self.nproc_per_node * self.nnodes
         if self.optimizer == "adamw_offload":
             if processes > 1:
