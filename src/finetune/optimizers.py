@@ -97,12 +97,14 @@ class OptimizerInBackward(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _update(self, weight: torch.Tensor) -> None:
-        square_sum = weight.grad.detach().float().square().sum()
-        if torch.isfinite(square_sum):
+        # A norm reduces in place; squaring the gradient first would briefly double it, at the
+        # moment memory peaks (the output layer's gradient comes first, beside every activation).
+        norm = torch.linalg.vector_norm(weight.grad, dtype=torch.float32)
+        if torch.isfinite(norm):
             self.per_weight[weight].step()
         else:
             self._all_finite = False
-        self._square_sum += square_sum.to(self._square_sum)
+        self._square_sum += norm.to(self._square_sum) ** 2
         weight.grad = None
 
     def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
