@@ -5,6 +5,8 @@
     python bench/bench.py --models medium --recipes full --procs 1,2   # 1 x 2 threads, 2 x 1
     python bench/bench.py --workload alpaca --models medium --steps 12  # variable-length batches
     python bench/bench.py --workload alpaca --models medium --packed false,true --steps 30
+    python bench/bench.py --models medium --recipes full --optimizers adamw,adamw8bit,in_backward \
+        --no-clipping --steps 30   # memory of each optimizer, and its loss after 30 steps
 
 Each configuration is one `python -m finetune` process. From the times at which its progress
 lines arrive the script derives:
@@ -15,6 +17,7 @@ lines arrive the script derives:
   GFLOP/s        model FLOPs per second (see `flops_per_token`), and as a share of this machine's
                  measured `torch.mm` rate in the same dtype
   peak RSS       the process's maximum resident memory
+  loss           the training loss of the last step (to compare optimizers on the same batches)
 Workloads: `tiny` is the shipped model; `medium` is a random 6-layer, 512-wide model with a
 32,000-token vocabulary (Llama-2's), so that the output layer weighs as it does at 7B.
 Data (`--workload`): `long` (the default) truncates every sequence to 256 tokens, so nothing is
@@ -30,6 +33,9 @@ run makes (finetune's own tokenizing, packing and collate).
 `--procs 2` runs each configuration sharded over 2 processes (`nproc_per_node=2`, FSDP2) of
 cores/2 threads each, batch_size halved so that a step trains on the same sequences; its peak RSS
 is the largest process's (wait4 counts the launcher's reaped workers too).
+`--optimizers` runs each configuration with each optimizer of OPTIMIZERS; `in_backward` cannot
+clip the gradient, and `--no-clipping` sets max_grad_norm=0 in every run, so that the rows differ
+by the optimizer alone.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ class Result:
     step_s: float
     peak_rss_mb: float
     steady_s: float  # the timed steps' total
+    last_loss: float
 
 
 def padded_tokenizer(vocab_size: int, out: Path) -> Path:
@@ -194,11 +201,13 @@ def run_recipe(
             f"{' '.join(command)} failed:\n{proc.stderr.read() if proc.stderr else ''}"
         )
     steady = [b - a for a, b in itertools.pairwise(step_times[2:])]
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     return Result(
         startup_s=step_times[0] - launched,
         step_s=statistics.median(steady),
         peak_rss_mb=usage.ru_maxrss / 1024,
         steady_s=sum(steady),
+        last_loss=json.loads(rows[-1])["loss"],
     )
 
 
@@ -212,6 +221,20 @@ RECIPES = {
     "full": ["recipe=full"],
     "lora": ["recipe=lora"],
     "qlora": ["recipe=lora", "lora.quantize_base=true"],
+}
+
+
+# Bench name -> the overrides that select the optimizer (see `finetune.optimizers`).
+OPTIMIZERS = {
+    "adamw": [],
+    "adamw8bit": ["optimizer=adamw8bit"],
+    "adamw_offload": ["optimizer=adamw_offload"],
+    "in_backward": ["optimizer_in_backward=true", "max_grad_norm=0"],
+    "adamw8bit_in_backward": [
+        "optimizer=adamw8bit",
+        "optimizer_in_backward=true",
+        "max_grad_norm=0",
+    ],
 }
 
 
@@ -305,12 +328,15 @@ def main() -> None:
     parser.add_argument("--procs", default="1", help="processes per run, e.g. 1,2")
     parser.add_argument("--workload", default="long", choices=["long", "alpaca"])
     parser.add_argument("--packed", default="false", help="dataset.packed: false, true or both")
+    parser.add_argument("--optimizers", default="adamw", help=f"any of {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--no-clipping", action="store_true", help="max_grad_norm=0 in every run")
     args = parser.parse_args()
-    unknown = set(args.recipes.split(",")) - set(RECIPES)
-    if unknown:
-        parser.error(
-            f"--recipes: unknown {', '.join(sorted(unknown))}; expected {', '.join(RECIPES)}"
-        )
+    for option, known in (("recipes", RECIPES), ("optimizers", OPTIMIZERS)):
+        unknown = set(getattr(args, option).split(",")) - set(known)
+        if unknown:
+            parser.error(
+                f"--{option}: unknown {', '.join(sorted(unknown))}; expected {', '.join(known)}"
+            )
 
     mm = {"fp32": mm_gflops(torch.float32), "bf16": mm_gflops(torch.bfloat16)}
     print(
@@ -325,9 +351,9 @@ def main() -> None:
         f"workload: batch {BATCH_SIZE} x {shape}, {args.steps} steps; "
         f"lora: rank {lora.rank} on {','.join(lora.targets)}"
     )
-    header = f"{'model':<8}{'recipe':<7}{'dtype':<6}{'packed':>7}{'procs':>6}{'start-up s':>11}"
-    header += f"{'step s':>9}{'tokens/s':>10}{'real tok/s':>11}"
-    print(header + f"{'GFLOP/s':>9}{'of mm':>7}{'peak RSS MB':>13}")
+    header = f"{'model':<8}{'recipe':<7}{'optimizer':<22}{'dtype':<6}{'packed':>7}{'procs':>6}"
+    header += f"{'start-up s':>11}{'step s':>9}{'tokens/s':>10}{'real tok/s':>11}"
+    print(header + f"{'GFLOP/s':>9}{'of mm':>7}{'peak RSS MB':>13}{'loss':>9}")
     packings = [value == "true" for value in args.packed.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -352,20 +378,23 @@ def main() -> None:
             model_args = [f"model.{f}={getattr(cfg, f)}" for f in cfg.__dataclass_fields__]
             runs = itertools.product(
                 args.recipes.split(","),
+                args.optimizers.split(","),
                 args.dtypes.split(","),
                 packings,
                 map(int, args.procs.split(",")),
             )
-            for recipe, dtype, packed, procs in runs:
+            for recipe, optimizer, dtype, packed, procs in runs:
                 overrides = [
                     *RECIPES[recipe],
+                    *OPTIMIZERS[optimizer],
+                    *(["max_grad_norm=0"] if args.no_clipping else []),
                     *model_args,
                     f"checkpoint={ckpt}",
                     f"dataset.path={data}",
                     f"dtype={dtype}",
                     f"dataset.packed={str(packed).lower()}",
                 ]
-                run_dir = work / f"{name}-{recipe}-{dtype}-{packed}-{procs}"
+                run_dir = work / f"{name}-{recipe}-{optimizer}-{dtype}-{packed}-{procs}"
                 r = run_recipe(overrides, args.steps, run_dir, procs, seq_len)
                 timed = timed_steps(args.steps)
                 if batches:
@@ -378,9 +407,11 @@ def main() -> None:
                     computed = real = BATCH_SIZE * (SEQ_LEN - 1) / r.step_s
                     gflops = flops_per_token(cfg, SEQ_LEN - 1, recipe) * computed / 1e9
                 print(
-                    f"{name:<8}{recipe:<7}{dtype:<6}{str(packed).lower():>7}{procs:>6}"
-                    f"{r.startup_s:>11.2f}{r.step_s:>9.3f}{computed:>10.0f}{real:>11.0f}"
+                    f"{name:<8}{recipe:<7}{optimizer:<22}{dtype:<6}{str(packed).lower():>7}"
+                    f"{procs:>6}{r.startup_s:>11.2f}{r.step_s:>9.3f}{computed:>10.0f}{real:>11.0f}"
                     f"{gflops:>9.1f}{gflops / mm[dtype]:>7.0%}{r.peak_rss_mb:>13.0f}"
+                    f"{r.last_loss:>9.4f}",
+                    flush=True,
                 )
 
 

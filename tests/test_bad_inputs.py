@@ -223,6 +223,53 @@ def cases(ckpt: Path) -> list[Case]:
             "min_lr_ratio: a constant schedule does not decay; set lr_schedule=cosine or linear, "
             "or leave min_lr_ratio out",
         ),
+        Case(
+            "unknown_optimizer",
+            ("optimizer=sgd",),
+            "optimizer: unknown optimizer 'sgd'; expected one of: adamw, adamw8bit, adamw_offload",
+        ),
+        Case(
+            "in_backward_clipping",
+            ("optimizer_in_backward=true",),
+            "optimizer_in_backward: updates each weight during backward: the norm to clip by is "
+            "known only once every gradient is; set max_grad_norm=0",
+        ),
+        Case(
+            "in_backward_accumulation",
+            ("optimizer_in_backward=true", "max_grad_norm=0", "gradient_accumulation_steps=2"),
+            "optimizer_in_backward: updates each weight during backward: the update cannot wait "
+            "for later micro-batches; set gradient_accumulation_steps=1",
+        ),
+        Case(
+            "in_backward_sharded",
+            ("optimizer_in_backward=true", "max_grad_norm=0", "nproc_per_node=2"),
+            "optimizer_in_backward: runs on one process: a sharded run's gradients are complete "
+            "only once reduced over the processes, after backward; set nproc_per_node=1 and "
+            "nnodes=1",
+        ),
+        Case(
+            "in_backward_offload",
+            ("optimizer_in_backward=true", "max_grad_norm=0", "optimizer=adamw_offload"),
+            "optimizer_in_backward: works with optimizer=adamw or adamw8bit",
+        ),
+        Case(
+            "offload_sharded",
+            ("optimizer=adamw_offload", "nproc_per_node=2"),
+            "optimizer: adamw_offload runs on one GPU; a sharded run keeps its optimizer state in "
+            "CPU memory with cpu_offload=true",
+        ),
+        Case(
+            "offload_checkpoints",
+            ("optimizer=adamw_offload", "save_every_n_steps=10"),
+            "optimizer: adamw_offload's state (on the CPU, apart from the model) is not saved in "
+            "training-state checkpoints; set save_every_n_steps=0 and no resume, or use adamw8bit",
+        ),
+        reads(
+            "offload_on_cpu",
+            (*run, *good, "optimizer=adamw_offload", "device=cpu"),
+            "optimizer: adamw_offload moves the optimizer state off a GPU into CPU memory, but the "
+            "model is on the cpu: use optimizer=adamw (or adamw8bit) there",
+        ),
         Case("lora_rank_zero", ("recipe=lora", "lora.rank=0"), "lora.rank: must be >= 1, got 0"),
         Case(
             "lora_target",

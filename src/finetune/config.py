@@ -134,6 +134,11 @@ ARCHITECTURE_NUMBERS = (
 )
 
 
+# adamw: fp32 state (`torch.optim.AdamW`); adamw8bit: torchao's 8-bit state; adamw_offload:
+# torchao's state and step in CPU memory beside a model on a GPU (see `finetune.optimizers`).
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw_offload")
+
+
 DATASET_FORMATS = ("alpaca", "chat")
 DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -315,6 +320,17 @@ class FullFinetuneParams(CheckpointParams):
         0.0, "where the decay ends, as a fraction of lr (cosine and linear)", ge=0, lt=1
     )
     weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only", ge=0)
+    optimizer: str = option(
+        "adamw",
+        "adamw: fp32 state; adamw8bit: 8-bit state (torchao); adamw_offload: state and update in "
+        "CPU memory while the model trains on a GPU (torchao)",
+        choices=OPTIMIZERS,
+    )
+    optimizer_in_backward: bool = option(
+        False,
+        "update each weight as soon as its gradient is ready and free that gradient: the whole "
+        "gradient never exists at once (one process, no clipping, no accumulation)",
+    )
     max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 disables clipping", ge=0)
     batch_size: int = option(4, "sequences per micro-batch", ge=1)
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
@@ -411,6 +427,7 @@ class FullFinetuneParams(CheckpointParams):
                 "needs the prompts left out of the loss, which tells them from the answers; "
                 "set dataset.train_on_input=false or sample_prompts=0",
             )
+        self._check_optimizer()
         self._require_output_dir()
         # Required fields of nested parts are checked here: OmegaConf builds a nested dataclass
         # with its defaults when it reads the schema, so its own __post_init__ must accept them.
@@ -418,6 +435,44 @@ class FullFinetuneParams(CheckpointParams):
         self._resolve_model(self.max_seq_len, self.extend_context)
         _require_within_context(self.max_seq_len, "max_seq_len", self.model)
         self._resolve_tokenizer()
+
+    def _check_optimizer(self) -> None:
+        """Refuse what the chosen optimizer cannot do, naming the setting in its way: one that
+        needs the whole gradient at once, a checkpoint, or more than one process."""
+        processes = self.nproc_per_node * self.nnodes
+        if self.optimizer == "adamw_offload":
+            if processes > 1:
+                raise ConfigError(
+                    "optimizer",
+                    "adamw_offload runs on one GPU; a sharded run keeps its optimizer state in "
+                    "CPU memory with cpu_offload=true",
+                )
+            if self.save_every_n_steps or self.resume.lower() not in ("", "false"):
+                raise ConfigError(
+                    "optimizer",
+                    "adamw_offload's state (on the CPU, apart from the model) is not saved in "
+                    "training-state checkpoints; set save_every_n_steps=0 and no resume, or "
+                    "use adamw8bit",
+                )
+        if not self.optimizer_in_backward:
+            return
+        if self.optimizer == "adamw_offload":
+            raise ConfigError("optimizer_in_backward", "works with optimizer=adamw or adamw8bit")
+        for key, value, why in (
+            ("gradient_accumulation_steps", 1, "the update cannot wait for later micro-batches"),
+            ("max_grad_norm", 0, "the norm to clip by is known only once every gradient is"),
+        ):
+            if getattr(self, key) != value:
+                raise ConfigError(
+                    "optimizer_in_backward",
+                    f"updates each weight during backward: {why}; set {key}={value}",
+                )
+        if processes > 1:
+            raise ConfigError(
+                "optimizer_in_backward",
+                "runs on one process: a sharded run's gradients are complete only once "
+                "reduced over the processes, after backward; set nproc_per_node=1 and nnodes=1",
+            )
 
 
 def _require_within_context(n_tokens: int, key: str, model: ModelConfig) -> None:

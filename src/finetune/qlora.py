@@ -171,7 +171,7 @@ def _import_to_nf4() -> Callable:
     try:
         # A CPU build of torch makes torchao's import log warnings about CUDA kernels it could not
         # load and a deprecation meant for torchao's developers; NF4 needs neither.
-        with _quiet_loggers("torchao", "torch.utils._pytree"):
+        with quiet_loggers("torchao", "torch.utils._pytree"):
             from torchao.quantization import to_nf4
     except ImportError as e:
         raise UserError(f"lora.quantize_base needs torchao ({e}): {QLORA_EXTRA}") from None
@@ -179,7 +179,7 @@ def _import_to_nf4() -> Callable:
 
 
 @contextmanager
-def _quiet_loggers(*names: str) -> Iterator[None]:
+def quiet_loggers(*names: str) -> Iterator[None]:
     """Drop the named loggers' messages below ERROR for the duration."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]

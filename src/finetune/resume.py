@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 
 
 # What a resumed run cannot change: the data order and the examples of each optimizer step
-# (global_batch_size, seed, ..., max_seq_len), and what the restored optimizer holds (lr,
-# weight_decay) or the schedule (warmup, its shape and floor). How a step's examples are split
-# into micro-batches and processes may change: 2 processes x batch_size=2 continue as 1 x 4.
+# (global_batch_size, seed, ..., max_seq_len), what the restored optimizer holds (lr,
+# weight_decay, the optimizer and its layout) or the schedule (warmup, its shape and floor).
+# How a step's examples are split into micro-batches and processes may change: 2 processes x
+# batch_size=2 continue as 1 x 4.
 RESUME_SETTINGS = (
     "global_batch_size",
     "seed",
@@ -32,6 +33,8 @@ RESUME_SETTINGS = (
     "warmup_steps",
     "lr_schedule",
     "min_lr_ratio",
+    "optimizer",
+    "optimizer_in_backward",
 )
 
 # What checkpoints saved before a setting existed were trained with.

@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 from omegaconf import OmegaConf
 
-from finetune import ranks
+from finetune import optimizers, ranks
 from finetune.config import DType, FullFinetuneParams, recipe_of
 from finetune.data import IGNORE_INDEX, Batch, Example, collate, epoch_order
 from finetune.distributed import full_tensor, set_requires_gradient_sync
@@ -71,8 +71,15 @@ def autocast(device: torch.device, dtype: DType) -> AbstractContextManager:
     return nullcontext()
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices, not on norm weights."""
+def build_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    kind: str = "adamw",
+    in_backward: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW of `optimizer=<kind>` over the trainable parameters, per weight during backward when
+    `in_backward` (see `finetune.optimizers`); weight decay on matrices, not on norm weights."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     # `initial_lr` is the schedule's base, which a resumed run's scheduler starts from: set here,
     # so that it is part of the state a checkpoint saves and loads.
@@ -80,11 +87,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    for group in groups:
-        group["initial_lr"] = lr
-    # The fused kernel is one pass over the parameters; on the CPU it is ~8x faster than the
-    # default multi-tensor AdamW.
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
+    groups = [group | {"lr": lr, "initial_lr": lr} for group in groups]
+    return optimizers.build(kind, groups, in_backward)
 
 
 def optimizer_steps(
@@ -167,25 +171,42 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over `micro_batches`, the loss averaged over all their labelled tokens."""
     n_targets = max(1, ranks.sum_over_ranks(sum(b.n_targets for b in micro_batches)))
+    in_backward = isinstance(optimizer, optimizers.OptimizerInBackward)
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         set_requires_gradient_sync(model, i == len(micro_batches) - 1)
         with autocast(device, params.dtype):
             loss = loss_fn(model, on_device(batch, device))
-        (loss / n_targets).backward()
         loss_sum += loss.detach()
+        if in_backward and not torch.isfinite(loss):
+            continue  # backward would apply the update: a NaN loss must not reach the weights
+        (loss / n_targets).backward()
+    loss = ranks.sum_over_ranks(float(loss_sum)) / n_targets
+    if in_backward:
+        optimizer.step()  # closes the step whose updates backward applied
+        norm, finite = optimizer.grad_norm_and_finite()
+        finite = finite and math.isfinite(loss)
+    else:
+        norm, finite = clipped_update(model, optimizer, params.max_grad_norm, loss)
+    n_tokens = ranks.sum_over_ranks(sum(b.n_tokens for b in micro_batches))
+    return StepResult(loss, norm, n_tokens, finite)
+
+
+def clipped_update(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float, loss: float
+) -> tuple[float, bool]:
+    """Clip the accumulated gradient to `max_grad_norm` (0: no clipping) and update the weights,
+    unless the loss or the gradient is not finite; (the gradient's norm, whether finite)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    max_norm = params.max_grad_norm or math.inf
     # The norm of the whole gradient, over every process's shard of it.
-    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-    loss, norm = ranks.sum_over_ranks(float(loss_sum)) / n_targets, float(grad_norm)
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf))
+    norm = float(grad_norm)
     # Checked before the update: one NaN gradient would turn every weight it reaches into NaN.
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n_tokens = ranks.sum_over_ranks(sum(b.n_tokens for b in micro_batches))
-    return StepResult(loss, norm, n_tokens, finite)
+    return norm, finite
 
 
 def evaluate(
@@ -246,7 +267,9 @@ def train(
     device = next(model.parameters()).device
     steps = total_steps(params, len(examples))
     warn_if_data_runs_out(params, len(examples))
-    optimizer = build_optimizer(model, params.lr, params.weight_decay)
+    optimizer = build_optimizer(
+        model, params.lr, params.weight_decay, params.optimizer, params.optimizer_in_backward
+    )
     output_dir = Path(params.output_dir)
     recipe = recipe_of(params).name
     if params.warmup_steps >= steps:
@@ -324,7 +347,7 @@ def train(
             if state.step >= steps:  # resumed from the last step: nothing left to do
                 break
             step = state.step + 1
-            lr = scheduler.get_last_lr()[0]
+            lr = float(scheduler.get_last_lr()[0])  # a tensor for torchao's optimizers
             result = train_step(model, micro_batches, optimizer, params, device, loss_fn)
             scheduler.step()
             loss = result.loss

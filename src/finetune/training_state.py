@@ -7,10 +7,12 @@
 
 The weights and optimizer state are a torch.distributed.checkpoint (DCP): each process writes its
 own shard, and a checkpoint saved by N processes loads into any number of them (2 -> 1, 1 -> 2),
-each reading the parts it holds. The LR schedule is not saved: it is a function of the step,
-which the resumed run rebuilds over its own length. The data position is (epoch, examples
-consumed); since an epoch's order depends only on (seed, epoch), that is enough to replay the
-same batches.
+each reading the parts it holds. The optimizer state is keyed by weight name, whichever optimizer
+holds it: adamw8bit's 8-bit moments are saved as they are (codes and scales), and
+optimizer_in_backward's per-weight optimizers as one. The LR schedule is not saved: it is a
+function of the step, which the resumed run rebuilds over its own length. The data position is
+(epoch, examples consumed); since an epoch's order depends only on (seed, epoch), that is enough
+to replay the same batches.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from finetune import ranks
 from finetune.errors import UserError
+from finetune.optimizers import state_holders
 from finetune.outputs import atomic_directory, restore_interrupted, write_error
 
 STATE_FILE = "training.json"
@@ -64,7 +67,7 @@ class TrainingState:
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient
     n_examples: int = 0  # the training set's size, to refuse a checkpoint of other data
     # The settings a resumed run must share with the saved one (see resume.RESUME_SETTINGS).
-    settings: dict[str, float | int | bool] = field(default_factory=dict)
+    settings: dict[str, float | int | bool | str] = field(default_factory=dict)
     elapsed_s: float = 0.0  # training time so far, so metrics' elapsed_s runs on after a resume
     # Validation and early stopping: the last val_loss, the best one, and the evaluations since.
     val_loss: float = math.nan
@@ -117,7 +120,8 @@ def save_checkpoint(
     `background` (async_save), DCP copies the state and writes it in a thread meanwhile, while
     training goes on.
     """
-    weights, optimizer_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    holders = state_holders(optimizer)
+    weights, optimizer_state = get_state_dict(model, holders, options=_TRAINABLE)
     stack = ExitStack()
     tmp = directory.with_name(directory.name + ".tmp")
     if ranks.writes_files():
@@ -335,7 +339,8 @@ def load_checkpoint_state(
         raise UserError(f"{path}: not a finetune training checkpoint (format {FORMAT_VERSION})")
     if payload["recipe"] != recipe:
         raise UserError(f"{path}: a checkpoint of recipe={payload['recipe']}, not recipe={recipe}")
-    weights, optimizer_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    holders = state_holders(optimizer)
+    weights, optimizer_state = get_state_dict(model, holders, options=_TRAINABLE)
     _check_same_weights(directory, weights)
     saved = {"model": weights, "optimizer": optimizer_state}
     try:
@@ -346,7 +351,7 @@ def load_checkpoint_state(
         raise UserError(f"{directory}: not a readable training checkpoint ({reason})") from None
     set_state_dict(
         model,
-        optimizer,
+        holders,
         model_state_dict=saved["model"],
         optim_state_dict=saved["optimizer"],
         # Not strict: the frozen weights are not in a checkpoint (`_check_same_weights` has
