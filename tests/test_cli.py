@@ -44,7 +44,7 @@ TYPING_MISTAKES = [
     (["lr=abc", "--help"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
     (
         ["recipe=nosuch", "--help"],
-        "recipe=nosuch: no such option; available: eval, full, generate, lora",
+        "recipe=nosuch: no such option; available: dpo, eval, full, generate, lora",
     ),
 ]
 
@@ -98,7 +98,9 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
     assert "peak learning rate" in out and "(fp32|bf16)" in out
     # The tuning is picked by the model and recipe, and shown with the values a run would use:
     # tuning/tiny_full sets lr, tiny_lora another lr, and overrides win.
-    assert re.search(r"\n  tuning +tiny_full, tiny_lora \(default: <model>_<recipe>, where", out)
+    assert re.search(
+        r"\n  tuning +tiny_dpo, tiny_full, tiny_lora \(default: <model>_<recipe>, where", out
+    )
     assert re.search(
         r"\n  lr +0\.001 +peak learning rate, reached after the warmup \(float, > 0\)", out
     )
