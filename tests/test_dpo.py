@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,14 @@ from finetune.preference import PreferencePair, collate_pairs, load_pairs
 from finetune.recipes import dpo
 from tests.conftest import (
     ONE_THREAD,
+    SMALL_MODEL,
     max_abs_diff,
     metrics_rows,
     random_tokens,
     run_cli,
     small_model,
     small_params,
+    write_checkpoint,
     write_jsonl,
 )
 from tests.test_resume import interrupt_at_step
@@ -421,3 +424,51 @@ def test_pairs_whose_answers_max_seq_len_cuts_off_are_left_out(
         pairs = load_pairs(preference_config(path), tokenizer, 64)
     assert len(pairs) == 1 and isinstance(pairs[0], PreferencePair)
     assert "1 of 2 pairs left out" in caplog.text
+
+
+def test_the_loss_equals_trl_dpo_trainers_on_the_same_model_and_batch(
+    pairs_file: Path, tokenizer: object, tmp_path: Path
+) -> None:
+    """TRL is no dependency of finetune: this runs where `pip install trl` has put it."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    policy_dir = write_checkpoint(tmp_path / "policy", seed=0)
+    reference_dir = write_checkpoint(tmp_path / "reference", seed=1)
+    pairs = load_pairs(preference_config(pairs_file), tokenizer, 128)[:3]
+    beta = 0.2
+
+    ours = load_checkpoint(SMALL_MODEL, policy_dir, CPU, torch.float32)
+    reference = load_checkpoint(SMALL_MODEL, reference_dir, CPU, torch.float32)
+    batch = collate_pairs(pairs, pad_id=0)
+    with torch.no_grad():
+        ref_logps = dpo.sequence_logps(reference, batch.inputs, batch.targets).tolist()
+    for i, pair in enumerate(pairs):
+        pair.reference_logps = (ref_logps[i], ref_logps[len(pairs) + i])
+    loss, _ = dpo.dpo_loss(ours, collate_pairs(pairs, pad_id=0), DPOConfig(beta=beta))
+
+    # TRL's trainer on the transformers models of the same checkpoints, fed the same token ids.
+    load = partial(transformers.AutoModelForCausalLM.from_pretrained, dtype=torch.float32)
+    trainer = trl.DPOTrainer(
+        model=load(policy_dir),
+        ref_model=load(reference_dir),
+        # bf16=False: TRL's default is bf16 autocast where the machine supports it.
+        args=trl.DPOConfig(
+            output_dir=str(tmp_path / "trl"), beta=beta, bf16=False, report_to=[], use_cpu=True
+        ),
+        train_dataset=datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
+        processing_class=transformers.AutoTokenizer.from_pretrained(policy_dir),
+    )
+    features = []
+    for pair in pairs:
+        start = answer_start(pair.chosen)
+        features.append(
+            {
+                "prompt_ids": pair.chosen.tokens[:start],
+                "chosen_ids": pair.chosen.tokens[start:],
+                "rejected_ids": pair.rejected.tokens[start:],
+            }
+        )
+    trl_batch = trainer.data_collator(features)
+    theirs = trainer.compute_loss(trainer.model, trl_batch)
+
+    assert loss.item() / len(pairs) == pytest.approx(theirs.item(), abs=1e-5)
