@@ -33,7 +33,7 @@ TYPING_MISTAKES = [
     ),
     (
         ["dataset=/data/file.jsonl"],
-        "dataset=/data/file.jsonl: dataset= picks an option (alpaca, chat, sample); "
+        "dataset=/data/file.jsonl: dataset= picks an option (alpaca, chat, preference, preference_sample, sample); "
         "a file goes in dataset.path=/data/file.jsonl",
     ),
     (
