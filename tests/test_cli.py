@@ -33,7 +33,8 @@ TYPING_MISTAKES = [
     ),
     (
         ["dataset=/data/file.jsonl"],
-        "dataset=/data/file.jsonl: dataset= picks an option (alpaca, chat, preference, preference_sample, sample); "
+        "dataset=/data/file.jsonl: dataset= picks an option (alpaca, chat, preference, "
+        "preference_sample, sample); "
         "a file goes in dataset.path=/data/file.jsonl",
     ),
     (
@@ -90,9 +91,9 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
     assert result.returncode == 0
     out = result.stdout
     assert re.search(r"\n  model +auto, llama2, llama2_13b, llama2_70b, tiny\*\n", out)
-    assert re.search(r"\n  recipe +eval, full\*, generate, lora\n", out)
+    assert re.search(r"\n  recipe +dpo, eval, full\*, generate, lora\n", out)
     # The default dataset is the default recipe's (recipes that read data pick it).
-    assert re.search(r"\n  dataset +alpaca, chat, sample\*\n", out)
+    assert re.search(r"\n  dataset +alpaca, chat, preference, preference_sample, sample\*\n", out)
     for field in ["lr ", "batch_size", "model.n_kv_heads", "dataset.column_map", "dtype"]:
         assert f"  {field}" in out
     assert "peak learning rate" in out and "(fp32|bf16)" in out
