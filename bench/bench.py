@@ -7,6 +7,7 @@
     python bench/bench.py --workload alpaca --models medium --packed false,true --steps 30
     python bench/bench.py --models medium --recipes full --optimizers adamw,adamw8bit,in_backward \
         --no-clipping --steps 30   # memory of each optimizer, and its loss after 30 steps
+    python bench/bench.py --recipes dpo,dpo_lora      # preference tuning, full and LoRA
 
 Each configuration is one `python -m finetune` process. From the times at which its progress
 lines arrive the script derives:
@@ -30,6 +31,10 @@ several records, so that little is padding; the alpaca workload then prints, for
 the real and computed (padded) tokens of the run's first `--steps` steps, from the batches the
 run makes (finetune's own tokenizing, packing and collate).
 `lora` runs with the config's default adapters (`LoraConfig`: rank 8 on q/k/v/o_proj).
+`dpo` and `dpo_lora` (recipe=dpo, dpo.lora=false/true) train on pairs of such sequences, batch/2
+pairs a step so that a step holds as many sequences as the others; their FLOPs are full's and
+LoRA's, plus, for dpo_lora, the reference's forward pass (a third of full's FLOPs). Full DPO's
+pass over the data for the reference log-probabilities falls in its start-up (`long` only).
 `--procs 2` runs each configuration sharded over 2 processes (`nproc_per_node=2`, FSDP2) of
 cores/2 threads each, batch_size halved so that a step trains on the same sequences; its peak RSS
 is the largest process's (wait4 counts the launcher's reaped workers too).
@@ -168,8 +173,29 @@ def alpaca_length(row: dict, words: list[str], tokenizer: Tokenizer) -> int:
     return len(tokenize_alpaca(record, tokenizer, 10**6, train_on_input=True).tokens)
 
 
+def long_pairs(path: Path, n: int) -> Path:
+    """Preference pairs of `long_records`' texts: the output chosen, its words reversed
+    rejected; both longer than SEQ_LEN tokens after the prompt, so nothing is padding."""
+    with path.open("w") as f:
+        for line in long_records(path.with_suffix(".records.jsonl"), n).read_text().splitlines():
+            row = json.loads(line)
+            rejected = " ".join(reversed(row["output"].split()))
+            f.write(
+                json.dumps(
+                    {"prompt": row["instruction"], "chosen": row["output"], "rejected": rejected}
+                )
+                + "\n"
+            )
+    return path
+
+
 def run_recipe(
-    overrides: list[str], steps: int, run_dir: Path, procs: int = 1, seq_len: int = SEQ_LEN
+    overrides: list[str],
+    steps: int,
+    run_dir: Path,
+    procs: int = 1,
+    seq_len: int = SEQ_LEN,
+    batch_size: int = BATCH_SIZE,
 ) -> Result:
     command = [
         sys.executable,
@@ -177,10 +203,9 @@ def run_recipe(
         "finetune",
         *overrides,
         f"max_steps={steps}",
-        f"batch_size={BATCH_SIZE // procs}",
+        f"batch_size={batch_size // procs}",
         f"nproc_per_node={procs}",
         f"max_seq_len={seq_len}",
-        "dataset.train_on_input=true",
         "shuffle=false",
         f"hydra.run.dir={run_dir}",
     ]
@@ -221,7 +246,12 @@ RECIPES = {
     "full": ["recipe=full"],
     "lora": ["recipe=lora"],
     "qlora": ["recipe=lora", "lora.quantize_base=true"],
+    "dpo": ["recipe=dpo"],
+    "dpo_lora": ["recipe=dpo", "dpo.lora=true"],
 }
+# Preference recipes: a step of BATCH_SIZE / 2 pairs is BATCH_SIZE sequences; no validation.
+DPO_RECIPES = {"dpo": "full", "dpo_lora": "lora"}  # -> the recipe whose training FLOPs it has
+DPO_DATA = ["dataset.val_split=0", "eval_every_n_steps=0"]
 
 
 # Bench name -> the overrides that select the optimizer (see `finetune.optimizers`).
@@ -240,6 +270,11 @@ OPTIMIZERS = {
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, recipe: str) -> float:
     """Training FLOPs per token, attention and output layer included."""
+    if recipe in DPO_RECIPES:
+        trained = flops_per_token(cfg, seq_len, DPO_RECIPES[recipe])
+        # LoRA's reference is the base model's forward pass: 2 FLOPs a weight, of full's 6.
+        reference = flops_per_token(cfg, seq_len, "full") / 3 if recipe == "dpo_lora" else 0
+        return trained + reference
     body, head = flops_per_token_parts(cfg, seq_len, recipe)
     return body + head
 
@@ -337,6 +372,8 @@ def main() -> None:
             parser.error(
                 f"--{option}: unknown {', '.join(sorted(unknown))}; expected {', '.join(known)}"
             )
+    if args.workload == "alpaca" and set(args.recipes.split(",")) & set(DPO_RECIPES):
+        parser.error("--recipes: dpo and dpo_lora run on the long workload only")
 
     mm = {"fp32": mm_gflops(torch.float32), "bf16": mm_gflops(torch.bfloat16)}
     print(
@@ -351,7 +388,7 @@ def main() -> None:
         f"workload: batch {BATCH_SIZE} x {shape}, {args.steps} steps; "
         f"lora: rank {lora.rank} on {','.join(lora.targets)}"
     )
-    header = f"{'model':<8}{'recipe':<7}{'optimizer':<22}{'dtype':<6}{'packed':>7}{'procs':>6}"
+    header = f"{'model':<8}{'recipe':<9}{'optimizer':<22}{'dtype':<6}{'packed':>7}{'procs':>6}"
     header += f"{'start-up s':>11}{'step s':>9}{'tokens/s':>10}{'real tok/s':>11}"
     print(header + f"{'GFLOP/s':>9}{'of mm':>7}{'peak RSS MB':>13}{'loss':>9}")
     packings = [value == "true" for value in args.packed.split(",")]
@@ -390,12 +427,21 @@ def main() -> None:
                     *(["max_grad_norm=0"] if args.no_clipping else []),
                     *model_args,
                     f"checkpoint={ckpt}",
-                    f"dataset.path={data}",
                     f"dtype={dtype}",
-                    f"dataset.packed={str(packed).lower()}",
                 ]
+                batch_size = BATCH_SIZE
+                if recipe in DPO_RECIPES:  # preference pairs: never packed
+                    pairs = long_pairs(work / "pairs.jsonl", n_records // 2)
+                    overrides += [f"dataset.path={pairs}", *DPO_DATA]
+                    batch_size = BATCH_SIZE // 2
+                else:
+                    overrides += [
+                        f"dataset.path={data}",
+                        "dataset.train_on_input=true",
+                        f"dataset.packed={str(packed).lower()}",
+                    ]
                 run_dir = work / f"{name}-{recipe}-{optimizer}-{dtype}-{packed}-{procs}"
-                r = run_recipe(overrides, args.steps, run_dir, procs, seq_len)
+                r = run_recipe(overrides, args.steps, run_dir, procs, seq_len, batch_size)
                 timed = timed_steps(args.steps)
                 if batches:
                     steady = [batches[packed][s - 1] for s in timed]
@@ -407,7 +453,7 @@ def main() -> None:
                     computed = real = BATCH_SIZE * (SEQ_LEN - 1) / r.step_s
                     gflops = flops_per_token(cfg, SEQ_LEN - 1, recipe) * computed / 1e9
                 print(
-                    f"{name:<8}{recipe:<7}{optimizer:<22}{dtype:<6}{str(packed).lower():>7}"
+                    f"{name:<8}{recipe:<9}{optimizer:<22}{dtype:<6}{str(packed).lower():>7}"
                     f"{procs:>6}{r.startup_s:>11.2f}{r.step_s:>9.3f}{computed:>10.0f}{real:>11.0f}"
                     f"{gflops:>9.1f}{gflops / mm[dtype]:>7.0%}{r.peak_rss_mb:>13.0f}"
                     f"{r.last_loss:>9.4f}",

@@ -7,6 +7,8 @@ that every machine with Python has:
 
 * `sample.jsonl`: Alpaca-format questions about the standard library, answered from its docstrings.
 * `sample_chat.jsonl`: the first of those records, grouped into chat conversations.
+* `preference_sample.jsonl`: preference pairs, a question about a function or class answered by
+  its own docstring (chosen) and by another one's (rejected).
 * `tiny/tokenizer.model`: a SentencePiece BPE tokenizer with Llama-2's conventions.
 * `tiny/`: a 5M-parameter Llama pretrained on the raw docstrings, in Hugging Face format.
 
@@ -323,6 +325,33 @@ def build_chat_dataset(records: list[dict[str, str]], rng: random.Random) -> lis
     return conversations
 
 
+# Preference pairs of preference_sample.jsonl, made of sample.jsonl's "what does ... do" records.
+N_PREFERENCES = 200
+
+
+def build_preference_dataset(records: list[dict[str, str]], rng: random.Random) -> list[dict]:
+    """{prompt, chosen, rejected}: a question about a function or class, its docstring's answer
+    chosen over the same words in a shuffled order: a corrupted docstring, which a model that
+    has read docstrings can learn to tell from the real one."""
+    explained = [
+        r for r in records if r["instruction"].startswith("What ") and len(r["output"].split()) > 3
+    ]
+    pairs = []
+    for record in explained[:N_PREFERENCES]:
+        words = record["output"].split()
+        shuffled = words[:]
+        while shuffled == words:
+            rng.shuffle(shuffled)
+        pairs.append(
+            {
+                "prompt": record["instruction"],
+                "chosen": record["output"],
+                "rejected": " ".join(shuffled),
+            }
+        )
+    return pairs
+
+
 def write_jsonl(records: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -511,6 +540,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="pretraining steps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the assets directory")
+    parser.add_argument(
+        "--data-only", action="store_true", help="write the datasets, not the tokenizer and model"
+    )
     args = parser.parse_args()
     # Pinned, because the number of threads can change how the CPU kernels round.
     torch.set_num_threads(2)
@@ -524,6 +556,11 @@ def main() -> None:
     chats = build_chat_dataset(records, random.Random(SEED))
     write_jsonl(chats, args.out / "sample_chat.jsonl")
     print(f"sample_chat.jsonl: {len(chats)} conversations")
+    preferences = build_preference_dataset(records, random.Random(SEED))
+    write_jsonl(preferences, args.out / "preference_sample.jsonl")
+    print(f"preference_sample.jsonl: {len(preferences)} pairs")
+    if args.data_only:
+        return
 
     tiny_dir = args.out / "tiny"
     sp = train_tokenizer(docs, tiny_dir / "tokenizer.model")

@@ -33,6 +33,7 @@ SMALL = [*model_overrides(SMALL_MODEL), "max_seq_len=128"]
 ROW = {"instruction": "Say hi.", "input": "", "output": "Hi."}
 CHAT_USER = {"role": "user", "content": "Say hi."}
 CHAT_ASSISTANT = {"role": "assistant", "content": "Hi."}
+PAIR = {"prompt": "Say hi.", "chosen": "Hi.", "rejected": "Go away."}
 # An earlier run's outputs, which a failed run must neither delete nor overwrite: those of a run
 # stopped before its end, and of a finished one, which also left its model and adapter.
 UNFINISHED_RUN = {
@@ -142,6 +143,17 @@ def _files(tmp: Path, small_checkpoint: Path) -> None:
     narrow = dataclasses.replace(SMALL_MODEL, dim=32, n_heads=2, n_kv_heads=1)
     write_adapter(tmp / "narrow_adapter", Path("/models/narrow"), narrow)
     write_jsonl(tmp / "answered_chat.jsonl", [{"messages": [CHAT_USER, CHAT_ASSISTANT]}])
+    # Preference pairs (recipe=dpo) that cannot be read as such.
+    write_jsonl(tmp / "pair_no_rejected.jsonl", [PAIR, {"prompt": "Say hi.", "chosen": "Hi."}])
+    (tmp / "pair_bad_json.jsonl").write_text(json.dumps(PAIR) + "\n{not json\n")
+    write_jsonl(tmp / "pair_mixed.jsonl", [{**PAIR, "rejected": [CHAT_ASSISTANT]}])
+    write_jsonl(tmp / "pair_list_prompt.jsonl", [{**PAIR, "prompt": [CHAT_USER]}])
+    other_user = {"role": "user", "content": "Say bye."}
+    write_jsonl(
+        tmp / "pair_unshared.jsonl",
+        [{"chosen": [CHAT_USER, CHAT_ASSISTANT], "rejected": [other_user, CHAT_ASSISTANT]}],
+    )
+    write_jsonl(tmp / "pair_unanswered.jsonl", [{"chosen": [CHAT_USER], "rejected": [CHAT_USER]}])
 
 
 def good_run_args(ckpt: Path, inputs: Path) -> tuple[str, ...]:
@@ -154,6 +166,7 @@ def cases(ckpt: Path) -> list[Case]:
     run = (f"checkpoint={ckpt}", *SMALL)
     lora = ("recipe=lora", *run, *good)
     generate = ("recipe=generate", "model=auto", f"checkpoint={ckpt}", "max_new_tokens=4")
+    dpo = ("recipe=dpo", *run)
     reads = partial(Case, reads_inputs=True)
     return [
         # Overrides: caught while composing or validating the config, before anything is read.
@@ -195,7 +208,7 @@ def cases(ckpt: Path) -> list[Case]:
         Case(
             "unknown_recipe",
             ("recipe=nosuch",),
-            "recipe=nosuch: no such option; available: eval, full, generate, lora",
+            "recipe=nosuch: no such option; available: dpo, eval, full, generate, lora",
         ),
         # The default tuning is skipped when absent; one given on the command line is not.
         Case(
@@ -285,6 +298,27 @@ def cases(ckpt: Path) -> list[Case]:
             "lora_alpha_zero", ("recipe=lora", "lora.alpha=0"), "lora.alpha: must be > 0, got 0.0"
         ),
         Case("lora_key_in_full", ("recipe=full", "lora.rank=8"), "lora: Key 'lora' not in"),
+        Case(
+            "dpo_loss",
+            ("recipe=dpo", "dpo.loss=kl"),
+            "dpo.loss: unknown loss 'kl'; expected one of: sigmoid, ipo, hinge",
+        ),
+        Case("dpo_beta_zero", ("recipe=dpo", "dpo.beta=0"), "dpo.beta: must be > 0, got 0.0"),
+        Case(
+            "dpo_smoothing_ipo",
+            ("recipe=dpo", "dpo.loss=ipo", "dpo.label_smoothing=0.1"),
+            "dpo.label_smoothing: applies to dpo.loss=sigmoid only, not ipo",
+        ),
+        Case(
+            "dpo_samples",
+            ("recipe=dpo", "sample_prompts=2"),
+            "sample_prompts: recipe=dpo writes no samples; set sample_prompts=0",
+        ),
+        Case(
+            "dpo_instruction_data",
+            ("recipe=dpo", "dataset=alpaca"),
+            "Merge error: DatasetConfig is not a subclass of PreferenceDatasetConfig",
+        ),
         Case(
             "rerun_unknown_key",
             # A rerun logs under Hydra's default job name unless given the one finetune uses.
@@ -528,6 +562,39 @@ def cases(ckpt: Path) -> list[Case]:
             "eval_adapter_of_another_base",
             ("recipe=eval", *run, *good, "adapter={tmp}/narrow_adapter"),
             "has shape (4, 32), expected (4, 64) (the adapter's base model: /models/narrow)",
+        ),
+        reads(
+            "pair_missing_field",
+            (*dpo, "dataset.path={tmp}/pair_no_rejected.jsonl"),
+            "pair_no_rejected.jsonl:2: missing field 'rejected'",
+        ),
+        reads(
+            "pair_mixed_answers",
+            (*dpo, "dataset.path={tmp}/pair_mixed.jsonl"),
+            "pair_mixed.jsonl:1: fields 'chosen' and 'rejected' must both be strings or both "
+            "lists of messages, got str and list",
+        ),
+        reads(
+            "pair_list_prompt",
+            (*dpo, "dataset.path={tmp}/pair_list_prompt.jsonl"),
+            "pair_list_prompt.jsonl:1: field 'prompt' must be a string, as the answers are, got "
+            "list",
+        ),
+        reads(
+            "pair_unshared_prefix",
+            (*dpo, "dataset.path={tmp}/pair_unshared.jsonl"),
+            "pair_unshared.jsonl:1: 'chosen' and 'rejected' must share every message but the last "
+            "(the answers)",
+        ),
+        reads(
+            "pair_unanswered",
+            (*dpo, "dataset.path={tmp}/pair_unanswered.jsonl"),
+            "pair_unanswered.jsonl:1: chosen: the last message must be the assistant's answer",
+        ),
+        reads(
+            "pair_bad_json",
+            (*dpo, "dataset.path={tmp}/pair_bad_json.jsonl"),
+            "pair_bad_json.jsonl:2: invalid JSON",
         ),
         # The output directory, checked before anything is read.
         Case(

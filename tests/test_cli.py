@@ -33,7 +33,8 @@ TYPING_MISTAKES = [
     ),
     (
         ["dataset=/data/file.jsonl"],
-        "dataset=/data/file.jsonl: dataset= picks an option (alpaca, chat, sample); "
+        "dataset=/data/file.jsonl: dataset= picks an option (alpaca, chat, preference, "
+        "preference_sample, sample); "
         "a file goes in dataset.path=/data/file.jsonl",
     ),
     (
@@ -44,7 +45,7 @@ TYPING_MISTAKES = [
     (["lr=abc", "--help"], "lr: Value 'abc' of type 'str' could not be converted to Float"),
     (
         ["recipe=nosuch", "--help"],
-        "recipe=nosuch: no such option; available: eval, full, generate, lora",
+        "recipe=nosuch: no such option; available: dpo, eval, full, generate, lora",
     ),
 ]
 
@@ -90,15 +91,17 @@ def test_help_lists_groups_options_and_every_field(tmp_path: Path) -> None:
     assert result.returncode == 0
     out = result.stdout
     assert re.search(r"\n  model +auto, llama2, llama2_13b, llama2_70b, tiny\*\n", out)
-    assert re.search(r"\n  recipe +eval, full\*, generate, lora\n", out)
+    assert re.search(r"\n  recipe +dpo, eval, full\*, generate, lora\n", out)
     # The default dataset is the default recipe's (recipes that read data pick it).
-    assert re.search(r"\n  dataset +alpaca, chat, sample\*\n", out)
+    assert re.search(r"\n  dataset +alpaca, chat, preference, preference_sample, sample\*\n", out)
     for field in ["lr ", "batch_size", "model.n_kv_heads", "dataset.column_map", "dtype"]:
         assert f"  {field}" in out
     assert "peak learning rate" in out and "(fp32|bf16)" in out
     # The tuning is picked by the model and recipe, and shown with the values a run would use:
     # tuning/tiny_full sets lr, tiny_lora another lr, and overrides win.
-    assert re.search(r"\n  tuning +tiny_full, tiny_lora \(default: <model>_<recipe>, where", out)
+    assert re.search(
+        r"\n  tuning +tiny_dpo, tiny_full, tiny_lora \(default: <model>_<recipe>, where", out
+    )
     assert re.search(
         r"\n  lr +0\.001 +peak learning rate, reached after the warmup \(float, > 0\)", out
     )

@@ -16,6 +16,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import (
+    ASSETS_DIR,
     RECIPES,
     EvalParams,
     FullFinetuneParams,
@@ -70,21 +71,36 @@ def runnable_overrides(group: str, option: str, small_checkpoint: Path, out: Pat
     An option whose model differs from the shipped tiny one keeps its name but has its
     architecture shrunk onto a small random checkpoint; its real size is checked separately.
     """
-    overrides = [f"{group}={option}", f"output_dir={out}"]
+    overrides = [f"{group}={option}", *recipe_made_for(group, option), f"output_dir={out}"]
     cfg = compose_config(overrides)
     tiny = compose_config([])
     if cfg.model != tiny.model:
         overrides += [*model_overrides(SMALL_MODEL), f"checkpoint={small_checkpoint}"]
     if OmegaConf.select(cfg, "dataset.path") == "":
-        overrides.append(f"dataset.path={SAMPLE_DATA}")
+        data = PREFERENCE_DATA if recipe_name(cfg) == "dpo" else SAMPLE_DATA
+        overrides.append(f"dataset.path={data}")
     return [*overrides, *SHORT_RUNS.get(recipe_name(cfg), SHORT_TRAINING)]
 
 
+def recipe_made_for(group: str, option: str) -> list[str]:
+    """The recipe an option goes with where the default (full) cannot take it: preference data
+    with recipe=dpo, conf/tuning/<model>_<recipe>.yaml with its recipe."""
+    text = (CONF_DIR / group / f"{option}.yaml").read_text()
+    if group == "dataset" and "/schema/dataset/preference" in text:
+        return ["recipe=dpo"]
+    if group == "tuning" and option.rsplit("_", 1)[-1] in RECIPES:
+        return [f"recipe={option.rsplit('_', 1)[-1]}"]
+    return []
+
+
+PREFERENCE_DATA = ASSETS_DIR / "preference_sample.jsonl"
 SHORT_TRAINING = ["max_steps=2", "batch_size=2", "max_seq_len=128"]
 # Recipes that do not train: a few tokens; an evaluation of 1 % of the examples (at most 32).
 SHORT_RUNS = {
     "generate": ["prompt=Name a module.", "max_new_tokens=4"],
     "eval": ["batch_size=8", "max_seq_len=128", "dataset.val_split=0.01"],
+    # Two training rows, no validation row between them.
+    "dpo": [*SHORT_TRAINING, "dataset.val_split=0"],
 }
 
 

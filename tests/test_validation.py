@@ -196,7 +196,9 @@ def test_early_stopping_stops_when_val_loss_stops_improving(
     capsys: pytest.CaptureFixture,
 ) -> None:
     val_losses = iter([3.0, 2.0, 2.5, 2.1, 1.0])
-    monkeypatch.setattr("finetune.training.evaluate", lambda *args: next(val_losses))
+    monkeypatch.setattr(
+        "finetune.training.evaluate_with_metrics", lambda *args: (next(val_losses), {})
+    )
     params = params_on(
         data_files[0],
         small_checkpoint,

@@ -190,8 +190,7 @@ class DatasetConfig:
     )
 
     def __post_init__(self) -> None:
-        self.path, self.val_path = absolute_path(self.path), absolute_path(self.val_path)
-        check_bounds(self, "dataset.")
+        _check_data_files(self)
         for key, path in (("dataset.path", self.path), ("dataset.val_path", self.val_path)):
             # A CSV cell holds text, not a list of messages.
             if self.format == "chat" and Path(path).suffix == ".csv":
@@ -200,14 +199,75 @@ class DatasetConfig:
                     f"a CSV file holds Alpaca records only, not chat conversations: {path}; "
                     "use a .json, .jsonl or .parquet file for dataset.format=chat",
                 )
-        if self.val_path and self.val_split:
-            raise ConfigError(
-                "dataset.val_split",
-                f"set either val_split or val_path ({self.val_path}), not both",
-            )
-        # Unlike `path`, the default ("") is valid here, so the file can be checked right away.
-        if self.val_path:
-            require_file(self.val_path, "dataset.val_path", suffixes=DATASET_SUFFIXES)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val_path) or self.val_split > 0
+
+
+def _check_data_files(cfg: DatasetConfig | PreferenceDatasetConfig) -> None:
+    """What every dataset config checks of its files: absolute paths, bounds, one validation
+    source at most, and the validation file there."""
+    cfg.path, cfg.val_path = absolute_path(cfg.path), absolute_path(cfg.val_path)
+    check_bounds(cfg, "dataset.")
+    if cfg.val_path and cfg.val_split:
+        raise ConfigError(
+            "dataset.val_split", f"set either val_split or val_path ({cfg.val_path}), not both"
+        )
+    # Unlike `path`, the default ("") is valid here, so the file can be checked right away.
+    if cfg.val_path:
+        require_file(cfg.val_path, "dataset.val_path", suffixes=DATASET_SUFFIXES)
+
+
+# The prompt formats a preference record's prompt string is wrapped in (message lists are always
+# Llama-2 chat).
+PREFERENCE_TEMPLATES = ("alpaca", "chat")
+
+
+@dataclass
+class PreferenceColumnMap:
+    """The record field that holds each part, e.g. `dataset.column_map.chosen=good`."""
+
+    prompt: str = option(
+        "prompt", "the prompt: a string, or messages the answers follow (optional then)"
+    )
+    chosen: str = option("chosen", "the preferred answer: a string, or a list of messages")
+    rejected: str = option("rejected", "the other answer, in the same form as chosen")
+
+
+@dataclass
+class PreferenceDatasetConfig:
+    """Preference pairs from a local file: a prompt, the answer preferred and the one rejected."""
+
+    path: str = option(
+        "", "a .json (a list of records), .jsonl, .parquet or .csv (string records) file"
+    )
+    template: str = option(
+        "alpaca",
+        "the prompt format of string records: alpaca (Stanford Alpaca's prompt) or chat "
+        "(Llama-2 chat); message lists are always chat",
+        choices=PREFERENCE_TEMPLATES,
+    )
+    column_map: PreferenceColumnMap = option(
+        doc="which record field holds each part", factory=PreferenceColumnMap
+    )
+    val_path: str = option(
+        "", "validation pairs: a second file in the same format; empty for none (or val_split)"
+    )
+    val_split: float = option(
+        0.0,
+        "hold out this fraction of `path`'s pairs for validation (seeded); 0 for none",
+        ge=0,
+        lt=1,
+    )
+
+    def __post_init__(self) -> None:
+        _check_data_files(self)
+
+    @property
+    def format(self) -> str:
+        """The prompt format a model trained on these pairs answers in (its chat template)."""
+        return self.template
 
     @property
     def has_validation(self) -> bool:
@@ -547,6 +607,15 @@ class LoraConfig:
         check_bounds(self, "lora.")
 
 
+def _check_lm_head_adapter(model: ModelConfig, lora: LoraConfig) -> None:
+    if model.tie_word_embeddings and "lm_head" in lora.targets:
+        raise ConfigError(
+            "lora.targets",
+            "lm_head is tied to the embedding (tie_word_embeddings), so an adapter on it "
+            "would change the input embedding too; leave lm_head out",
+        )
+
+
 @dataclass
 class LoraFinetuneParams(FullFinetuneParams):
     """LoRA fine-tuning: the base model is frozen; only low-rank adapters train."""
@@ -560,12 +629,7 @@ class LoraFinetuneParams(FullFinetuneParams):
     def __post_init__(self) -> None:
         self.adapter = absolute_path(self.adapter)
         super().__post_init__()
-        if self.model.tie_word_embeddings and "lm_head" in self.lora.targets:
-            raise ConfigError(
-                "lora.targets",
-                "lm_head is tied to the embedding (tie_word_embeddings), so an adapter on it "
-                "would change the input embedding too; leave lm_head out",
-            )
+        _check_lm_head_adapter(self.model, self.lora)
         if self.adapter:
             require_dir(self.adapter, "adapter")
         # The Meta copy is of the merged model; an adapter has no Meta layout.
@@ -575,6 +639,60 @@ class LoraFinetuneParams(FullFinetuneParams):
             "meta needs the merged model: set save_merged=true",
             self.output_format.value,
         )
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation: the policy's log-probability ratio to the reference model
+    (the checkpoint as loaded), chosen answer over rejected, pushed up."""
+
+    beta: float = option(
+        0.1, "the inverse temperature: how far from the reference the policy may go", gt=0
+    )
+    loss: str = option(
+        "sigmoid",
+        "sigmoid (the DPO paper's), ipo (squared distance to 1/(2 beta)), hinge (SLiC's)",
+        choices=DPO_LOSSES,
+    )
+    label_smoothing: float = option(
+        0.0, "sigmoid: the assumed share of pairs labelled the wrong way (cDPO)", ge=0, lt=0.5
+    )
+    lora: bool = option(
+        False,
+        "train LoRA adapters (lora.*) instead of every weight; the reference is then the model "
+        "with its adapters disabled, else log-probabilities computed before training",
+    )
+
+    def __post_init__(self) -> None:
+        check_bounds(self, "dpo.")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(
+                "dpo.label_smoothing", f"applies to dpo.loss=sigmoid only, not {self.loss}"
+            )
+
+
+@dataclass
+class DPOParams(FullFinetuneParams):
+    """Preference tuning (DPO) of a model on pairs of answers, full or with LoRA adapters."""
+
+    dataset: PreferenceDatasetConfig = option(
+        doc="preference pairs", factory=PreferenceDatasetConfig
+    )
+    dpo: DPOConfig = option(doc="the preference loss and its reference", factory=DPOConfig)
+    lora: LoraConfig = option(doc="the adapters, with dpo.lora=true", factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        # Before the parent's checks, which would ask the preference data for train_on_input.
+        if self.sample_prompts:
+            raise ConfigError(
+                "sample_prompts", "recipe=dpo writes no samples; set sample_prompts=0"
+            )
+        super().__post_init__()
+        if self.dpo.lora:
+            _check_lm_head_adapter(self.model, self.lora)
 
 
 @dataclass
@@ -709,6 +827,7 @@ RECIPES: dict[str, Recipe] = {
     for recipe in (
         Recipe("full", FullFinetuneParams),
         Recipe("lora", LoraFinetuneParams),
+        Recipe("dpo", DPOParams),
         Recipe("generate", GenerateParams),
         Recipe("eval", EvalParams),
     )
@@ -728,6 +847,7 @@ def register_schemas() -> None:
         store.store(group="schema/recipe", name=name, node=recipe.params)
     store.store(group="schema/model", name="llama", node=ModelConfig)
     store.store(group="schema/dataset", name="instruct", node=DatasetConfig)
+    store.store(group="schema/dataset", name="preference", node=PreferenceDatasetConfig)
     if not OmegaConf.has_resolver("asset"):
         # `${asset:NAME}` is a file shipped with the package, e.g. the embedded tiny model.
         OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))

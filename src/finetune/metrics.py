@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -64,9 +64,17 @@ class MetricsLog:
         return time.perf_counter() - self.started
 
     def write(
-        self, step: int, epoch: int, loss: float, lr: float, grad_norm: float, n_tokens: int
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        n_tokens: int,
+        loss_metrics: dict[str, float] | None = None,
     ) -> None:
-        """Record `step`; `n_tokens` is the count of input tokens since the previous row."""
+        """Record `step`; `n_tokens` is the count of input tokens since the previous row, and
+        `loss_metrics` the loss's own metrics of the step (see `training.LossFn`)."""
         now = time.perf_counter()
         tokens_per_s = n_tokens / max(now - self.last_write, 1e-9)
         self.last_write = now
@@ -74,6 +82,7 @@ class MetricsLog:
             "step": step,
             "epoch": epoch,
             "loss": loss,
+            **(loss_metrics or {}),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": round(tokens_per_s, 1),
@@ -91,27 +100,33 @@ class MetricsLog:
                 flush=True,
             )
 
-    def write_eval(self, step: int, epoch: int, val_loss: float, eval_s: float) -> None:
-        """Record a validation pass at `step` that took `eval_s` seconds.
+    def write_eval(
+        self,
+        step: int,
+        epoch: int,
+        val_loss: float,
+        eval_s: float,
+        loss_metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Record a validation pass at `step` that took `eval_s` seconds, with the loss's own
+        metrics (`val_` and their names).
 
         Its own row, so the training rows keep their schema; its time is left out of the next
         training row's tokens_per_s, which measures training only.
         """
         now = time.perf_counter()
         self.last_write += eval_s
-        val_perplexity = perplexity(val_loss)
-        row = {
-            "step": step,
-            "epoch": epoch,
-            "val_loss": val_loss,
-            "val_perplexity": val_perplexity,
-            "elapsed_s": round(now - self.started, 3),
-        }
+        row: dict[str, float] = {"step": step, "epoch": epoch, "val_loss": val_loss}
+        if loss_metrics:
+            # A loss with metrics of its own is no per-token cross-entropy: no perplexity.
+            row |= {f"val_{name}": value for name, value in loss_metrics.items()}
+            shown = " ".join(f"val_{name} {value:.4f}" for name, value in loss_metrics.items())
+        else:
+            row["val_perplexity"] = perplexity(val_loss)
+            shown = f"val_ppl {row['val_perplexity']:.2f}"
+        row["elapsed_s"] = round(now - self.started, 3)
         self.record(row)
-        self.say(
-            f"eval step {step}/{self.total_steps} val_loss {val_loss:.4f} "
-            f"val_ppl {val_perplexity:.2f}"
-        )
+        self.say(f"eval step {step}/{self.total_steps} val_loss {val_loss:.4f} {shown}")
 
     def record(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -193,12 +208,17 @@ def read_metrics(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# The columns of every training row; any other is a loss's own metric (see `MetricsLog.write`).
+TRAINING_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
+
+
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     metrics_figure(read_metrics(metrics_path)).savefig(png_path, dpi=100)
 
 
 def metrics_figure(all_rows: list[dict]) -> Figure:
-    """Loss (left axis; validation loss too, if any) and learning rate (right axis) by step."""
+    """Loss (left axis; validation loss too, if any) and learning rate (right axis) by step;
+    below, a panel for each group of the loss's own metrics (`rewards/...`, `logps/...`)."""
     # Figure without pyplot: no GUI backend is chosen, so it works on any headless machine.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -207,8 +227,10 @@ def metrics_figure(all_rows: list[dict]) -> Figure:
     rows = [r for r in all_rows if "loss" in r]
     val_rows = [r for r in all_rows if "val_loss" in r]
     steps = [r["step"] for r in rows]
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    loss_ax = fig.add_subplot()
+    groups = metric_groups(rows)
+    fig = Figure(figsize=(8, 4.5 + 3 * len(groups)), layout="constrained")
+    axes = fig.subplots(1 + len(groups), 1, squeeze=False)[:, 0]
+    loss_ax = axes[0]
     losses = [r["loss"] for r in rows]
     # The raw loss jumps from batch to batch; the trend is the smoothed curve drawn over it.
     loss_ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="training loss")
@@ -230,5 +252,55 @@ def metrics_figure(all_rows: list[dict]) -> Figure:
     lr_ax.set_ylabel("learning rate", color="tab:orange")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     # Below the plot: inside it, the legend would hide curves or the lr axis' scale label.
-    fig.legend(loc="outside lower center", ncols=4)
+    # The loss panel's entries only: each metric panel has its own legend.
+    fig.legend(*_legend_entries(loss_ax, lr_ax), loc="outside lower center", ncols=4)
+    for ax, (group, names) in zip(axes[1:], groups.items(), strict=True):
+        plot_metric_group(ax, group, names, rows, val_rows)
     return fig
+
+
+def metric_groups(rows: list[dict]) -> dict[str, list[str]]:
+    """The loss's own metrics of the training rows, by the group their name starts with."""
+    groups: dict[str, list[str]] = {}
+    for name in rows[0] if rows else {}:
+        if name not in TRAINING_COLUMNS:
+            groups.setdefault(name.split("/")[0], []).append(name)
+    return groups
+
+
+def plot_metric_group(
+    ax: Any, group: str, names: list[str], rows: list[dict], val: list[dict]
+) -> None:
+    """Each metric of one group, smoothed over its raw values, and its validation values."""
+    from matplotlib.ticker import MaxNLocator
+
+    steps = [r["step"] for r in rows]
+    for index, name in enumerate(names):
+        color = f"C{index}"
+        values = [r[name] for r in rows]
+        ax.plot(steps, values, color=color, alpha=0.3, linewidth=1)
+        ax.plot(steps, smoothed(values), color=color, label=name)
+        val_rows = [r for r in val if f"val_{name}" in r]
+        if val_rows:
+            ax.plot(
+                [r["step"] for r in val_rows],
+                [r[f"val_{name}"] for r in val_rows],
+                color=color,
+                marker="o",
+                linestyle=":",
+                label=f"val_{name}",
+            )
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(group)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small", ncols=2)
+
+
+def _legend_entries(*axes: Any) -> tuple[list, list[str]]:
+    handles, labels = [], []
+    for ax in axes:
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    return handles, labels

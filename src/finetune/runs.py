@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,8 +40,15 @@ P = TypeVar("P", bound=FullFinetuneParams)
 CHAT_TEMPLATES = {"alpaca": ALPACA_CHAT_TEMPLATE, "chat": LLAMA2_CHAT_TEMPLATE}
 
 
-def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list[Example]]:
-    """What every recipe does first: seed, pick the device, tokenize the data."""
+# How a recipe reads its data: (dataset config, tokenizer, max_seq_len, path; "" for
+# dataset.path) -> examples. Instruction data by default; preference pairs have their own.
+LoadData = Callable[[Any, Tokenizer, int, str], list]
+
+
+def start_run(
+    params: FullFinetuneParams, load: LoadData = load_dataset
+) -> tuple[torch.device, Tokenizer, list[Example]]:
+    """What every recipe does first: seed, pick the device, tokenize the data (read by `load`)."""
     check_writable(Path(params.output_dir))
     if not is_resuming(params.resume):  # a resumed run is meant to replace its model
         check_no_finished_run(Path(params.output_dir))
@@ -51,7 +58,7 @@ def start_run(params: FullFinetuneParams) -> tuple[torch.device, Tokenizer, list
     seed_everything(params.seed)
     device = resolve_device(params.device)
     tokenizer = load_tokenizer(params)
-    examples = load_dataset(params.dataset, tokenizer, params.max_seq_len)
+    examples = load(params.dataset, tokenizer, params.max_seq_len, "")
     return device, tokenizer, examples
 
 
@@ -196,7 +203,10 @@ def seed_everything(seed: int) -> None:
 
 
 def split_validation(
-    examples: list[Example], params: FullFinetuneParams, tokenizer: Tokenizer
+    examples: list[Example],
+    params: FullFinetuneParams,
+    tokenizer: Tokenizer,
+    load: LoadData = load_dataset,
 ) -> tuple[list[Example], list[Example]]:
     """(training, validation) examples: `dataset.val_split` of `examples`, or `dataset.val_path`.
 
@@ -208,7 +218,7 @@ def split_validation(
         train_examples, val_examples = split_examples(examples, cfg.val_split, params.seed)
     elif cfg.val_path:
         train_examples = examples
-        val_examples = load_dataset(cfg, tokenizer, params.max_seq_len, path=cfg.val_path)
+        val_examples = load(cfg, tokenizer, params.max_seq_len, cfg.val_path)
     else:
         return examples, []
     log.info(

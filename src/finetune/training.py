@@ -51,7 +51,28 @@ B = TypeVar("B")
 
 # A recipe's loss of one micro-batch, summed over its `n_targets` labelled tokens: the loop divides
 # by their total over the optimizer step, so every token weighs the same however it is batched.
-LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+# A loss may come with metrics of its own, {name: value summed over the same targets}, which the
+# loop averages the same way and logs beside the loss (e.g. DPO's rewards).
+LossFn = Callable[
+    [torch.nn.Module, Batch], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
+
+
+def loss_and_metrics(
+    output: torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A LossFn's output as (loss, its metric sums): none for a loss that has no metrics."""
+    return output if isinstance(output, tuple) else (output, {})
+
+
+def add_metrics(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+    for name, value in metrics.items():
+        sums[name] = sums.get(name, 0) + value.detach().double()
+
+
+def mean_metrics(sums: dict[str, torch.Tensor], n_targets: int) -> dict[str, float]:
+    """Metric sums over every process, divided by the targets they were summed over."""
+    return {name: ranks.sum_over_ranks(float(value)) / n_targets for name, value in sums.items()}
 
 
 # How a recipe makes one batch of its examples: (examples, pad_id, pad_to_multiple_of) -> batch.
@@ -144,6 +165,7 @@ class StepResult:
     grad_norm: float
     n_tokens: int  # non-padding input tokens
     finite: bool = True  # False: NaN/inf loss or gradient, and the weights were not updated
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the LossFn's own
 
 
 def next_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -173,11 +195,13 @@ def train_step(
     n_targets = max(1, ranks.sum_over_ranks(sum(b.n_targets for b in micro_batches)))
     in_backward = isinstance(optimizer, optimizers.OptimizerInBackward)
     loss_sum = torch.zeros((), device=device)
+    metric_sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         set_requires_gradient_sync(model, i == len(micro_batches) - 1)
         with autocast(device, params.dtype):
-            loss = loss_fn(model, on_device(batch, device))
+            loss, metrics = loss_and_metrics(loss_fn(model, on_device(batch, device)))
         loss_sum += loss.detach()
+        add_metrics(metric_sums, metrics)
         if in_backward and not torch.isfinite(loss):
             continue  # backward would apply the update: a NaN loss must not reach the weights
         (loss / n_targets).backward()
@@ -189,7 +213,7 @@ def train_step(
     else:
         norm, finite = clipped_update(model, optimizer, params.max_grad_norm, loss)
     n_tokens = ranks.sum_over_ranks(sum(b.n_tokens for b in micro_batches))
-    return StepResult(loss, norm, n_tokens, finite)
+    return StepResult(loss, norm, n_tokens, finite, mean_metrics(metric_sums, n_targets))
 
 
 def clipped_update(
@@ -217,7 +241,20 @@ def evaluate(
     loss_fn: LossFn = next_token_loss,
     collate: Collate = collate,
 ) -> float:
-    """Mean loss over every labelled token of `examples`, weights and training RNG untouched.
+    """Mean loss over every labelled token of `examples` (see `evaluate_with_metrics`)."""
+    return evaluate_with_metrics(model, examples, params, pad_id, loss_fn, collate)[0]
+
+
+def evaluate_with_metrics(
+    model: Llama,
+    examples: list[Example],
+    params: FullFinetuneParams,
+    pad_id: int,
+    loss_fn: LossFn = next_token_loss,
+    collate: Collate = collate,
+) -> tuple[float, dict[str, float]]:
+    """Mean loss over every labelled token of `examples`, and the loss's own metrics averaged
+    the same way, weights and training RNG untouched.
 
     Token-weighted like the training loss, so the two are on the same scale and batch size does
     not change the result. Eval mode turns off (LoRA) dropout: its masks would add noise to the
@@ -227,19 +264,22 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    metric_sums: dict[str, torch.Tensor] = {}
     n_targets = 0
     order = list(range(len(examples)))
     with torch.no_grad():
         for chunk in ranks.this_rank(order, params.batch_size):
             batch = collated(examples, chunk, order, pad_id, params, collate)
             with autocast(device, params.dtype):
-                loss_sum += loss_fn(model, on_device(batch, device))
+                loss, metrics = loss_and_metrics(loss_fn(model, on_device(batch, device)))
+            loss_sum += loss
+            add_metrics(metric_sums, metrics)
             n_targets += batch.n_targets
     loss, n_targets = ranks.sum_over_ranks(float(loss_sum)), ranks.sum_over_ranks(n_targets)
     model.train(was_training)
     if n_targets == 0:
         raise UserError("the validation data has no labelled tokens to compute a loss on")
-    return loss / n_targets
+    return loss / n_targets, mean_metrics(metric_sums, n_targets)
 
 
 def train(
@@ -250,18 +290,23 @@ def train(
     saved_bytes: int,
     loss_fn: LossFn = next_token_loss,
     collate: Collate = collate,
+    val_examples: list[Example] | None = None,
 ) -> float:
-    """Run the training loop on `examples`, less any held-out validation part, with the
-    recipe's `loss_fn` on batches made by its `collate`. `saved_bytes`, the size of what the
+    """Run the training loop on `examples`, less any held-out validation part (or validated on
+    `val_examples`, held out by the recipe), with the recipe's `loss_fn` on batches made by its
+    `collate`. `saved_bytes`, the size of what the
     recipe saves when the loop ends, counts in the disk space checked before the first step.
 
     Returns the last validation loss when there is validation data (the number worth comparing
     between runs, e.g. in a sweep), else the mean training loss over the last 10 % of the steps
     (see `late_loss`): one step's loss is too noisy to compare runs by.
     """
-    examples, val_examples = split_validation(examples, params, tokenizer)
+    if val_examples is None:
+        examples, val_examples = split_validation(examples, params, tokenizer)
     prompts = sample_prompts(val_examples or examples, params.sample_prompts, params.max_seq_len)
-    if params.dataset.packed:  # from here on an "example" is a row; validation is never packed
+    # From here on an "example" is a row; validation is never packed, nor are preference pairs
+    # (their datasets have no `packed`).
+    if getattr(params.dataset, "packed", False):
         examples = packed_rows(examples, params.max_seq_len, params.shuffle, params.seed)
     pad_id = tokenizer.pad_id
     device = next(model.parameters()).device
@@ -323,9 +368,11 @@ def train(
 
     def validate(step: int, epoch: int) -> float:
         started = time.perf_counter()
-        val_loss = evaluate(model, val_examples, params, pad_id, loss_fn, collate)
+        val_loss, val_metrics = evaluate_with_metrics(
+            model, val_examples, params, pad_id, loss_fn, collate
+        )
         samples = sampler.generate(step)  # timed with the evaluation, not as training
-        metrics.write_eval(step, epoch, val_loss, time.perf_counter() - started)
+        metrics.write_eval(step, epoch, val_loss, time.perf_counter() - started, val_metrics)
         sampler.write(samples)
         return val_loss
 
@@ -357,7 +404,9 @@ def train(
                 state.skipped_steps += 1
                 metrics.say(check_nonfinite(result, step, state.skipped_steps, params))
             if step % params.log_every_n_steps == 0 or step == steps:
-                metrics.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
+                metrics.write(
+                    step, epoch, loss, lr, result.grad_norm, tokens_since_log, result.metrics
+                )
                 tokens_since_log = 0
             every = params.eval_every_n_steps
             if val_examples and (step == steps or (every and step % every == 0)):
@@ -365,7 +414,15 @@ def train(
                 no_progress = should_stop_early(state, val_loss, params.early_stopping_patience)
                 if ranks.any_rank(no_progress):
                     if tokens_since_log:  # the last step's row, which log_every_n_steps skipped
-                        metrics.write(step, epoch, loss, lr, result.grad_norm, tokens_since_log)
+                        metrics.write(
+                            step,
+                            epoch,
+                            loss,
+                            lr,
+                            result.grad_norm,
+                            tokens_since_log,
+                            result.metrics,
+                        )
                     metrics.say(
                         f"early stopping at step {step}/{steps}: val_loss has not improved on "
                         f"{state.best_val_loss:.4f} (step {state.best_step}) for "
